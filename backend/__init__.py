@@ -1,0 +1,1 @@
+"""ringfence shared vhost-user backend: protocol, guest memory, virtqueues, devices."""

@@ -1,0 +1,173 @@
+"""The `ringfence` command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from backend.blk import BlkDevice
+from backend.server import Endpoint, Loop
+
+log = logging.getLogger("ringfence")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument: one sentence for the operator, exit code 2."""
+
+
+@dataclass(frozen=True)
+class BlkExport:
+    socket_path: str
+    image_path: str
+    readonly: bool
+
+
+def parse_blk_exports(specs: Sequence[str], readonly: Sequence[str]) -> list[BlkExport]:
+    exports = []
+    seen: set[str] = set()
+    for spec in specs:
+        sock_path, sep, image_path = spec.partition("=")
+        if not sep or not sock_path or not image_path:
+            raise UsageError(f"--blk {spec!r} must be SOCKET=IMAGE")
+        sock_path = os.path.abspath(sock_path)
+        if sock_path in seen:
+            raise UsageError(f"socket {sock_path} is given twice; give each device its own")
+        seen.add(sock_path)
+        exports.append(BlkExport(sock_path, image_path, False))
+    for path in readonly:
+        path = os.path.abspath(path)
+        if path not in seen:
+            raise UsageError(f"--readonly {path} names no --blk socket")
+    ro = {os.path.abspath(p) for p in readonly}
+    return [BlkExport(e.socket_path, e.image_path, e.socket_path in ro) for e in exports]
+
+
+def open_image(export: BlkExport) -> int:
+    """Open an image for a dev-mode export; UsageError names the file and the fix."""
+    path = export.image_path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"image {path} does not exist; create it (e.g. truncate -s 1G)") from None
+    except OSError as exc:
+        raise UsageError(f"image {path} cannot be read: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"image {path} is not a regular file or block device")
+    flags = (os.O_RDONLY if export.readonly else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise UsageError(f"image {path} cannot be opened: {exc.strerror}") from None
+
+
+def listen_unix(path: str) -> socket.socket:
+    """Bind a listening socket, replacing only a stale socket file nobody listens on."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UsageError(
+                f"socket path {path} exists and is not a socket; remove it or pick another"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: left behind by a process that is gone
+        except OSError as exc:
+            raise UsageError(f"socket path {path} cannot be checked: {exc.strerror}") from None
+        else:
+            raise UsageError(f"socket path {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot create socket {path}: {exc.strerror}") from None
+    sock.listen(4)
+    return sock
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    exports = parse_blk_exports(args.blk, args.readonly)
+    if args.num_queues < 1 or args.num_queues > 64:
+        raise UsageError(f"--num-queues {args.num_queues} must be between 1 and 64")
+    loop = Loop()
+    endpoints: list[Endpoint] = []
+    image_fds: list[int] = []
+    sockets: list[socket.socket] = []
+    try:
+        for export in exports:
+            image_fds.append(open_image(export))
+        for export in exports:
+            sockets.append(listen_unix(export.socket_path))
+        for export, fd, sock in zip(exports, image_fds, sockets, strict=True):
+            device = BlkDevice(fd, readonly=export.readonly, num_queues=args.num_queues,
+                               serial=os.path.basename(export.image_path))
+            endpoints.append(Endpoint(export.socket_path, sock, device, loop,
+                                      require_sealed_memory=not args.allow_unsealed_memory))
+            log.info("serving %s on %s (%d sectors, %s, %d queues)", export.image_path,
+                     export.socket_path, device.capacity, "read-only" if export.readonly
+                     else "read-write", args.num_queues)
+        loop.stop_on_signals()
+        loop.run()
+    finally:
+        for endpoint in endpoints:
+            endpoint.close()
+        for sock in sockets[len(endpoints):]:
+            sock.close()
+        for export in exports[: len(sockets)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(export.socket_path)
+        for fd in image_fds:
+            os.close(fd)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringfence", description=__doc__)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="serve vhost-user-blk devices directly (no broker, "
+                         "no confinement)")
+    dev.add_argument("--blk", action="append", required=True, metavar="SOCKET=IMAGE",
+                     help="export IMAGE as a vhost-user-blk device on SOCKET (repeatable)")
+    dev.add_argument("--readonly", action="append", default=[], metavar="SOCKET",
+                     help="make the device on SOCKET read-only (repeatable)")
+    dev.add_argument("--num-queues", type=int, default=1, metavar="N",
+                     help="virtqueues per device (default 1)")
+    dev.add_argument("--allow-unsealed-memory", action="store_true",
+                     help="accept guest memory FDs without F_SEAL_SHRINK (a shrinking file "
+                     "would kill the backend with SIGBUS)")
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"ringfence: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

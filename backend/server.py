@@ -1,0 +1,396 @@
+"""The backend's event loop: one thread, one epoll, every device's sockets and eventfds.
+
+A `Endpoint` is one vhost-user device: a listening socket and the device model behind it. It
+accepts one front-end `Connection` at a time. A connection parses messages with the sans-IO
+codec and session, maps guest memory, and serves its rings when their kick eventfds fire.
+Anything a front-end or guest does wrong ends that connection (and only it) with a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backend.blk import BlkDevice
+from backend.memory import GuestMemory
+from backend.session import RingSetup, Session
+from backend.vhost_user import (
+    MAX_FDS_PER_MESSAGE,
+    MemRegion,
+    MessageReader,
+    ProtocolError,
+    VringAddr,
+)
+from backend.virtqueue import RingError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+MAX_PENDING_OUTPUT = 1 << 20
+# Requests served from one queue before the loop looks at other queues and sockets.
+QUEUE_BUDGET = 256
+_ONE = (1).to_bytes(8, "little")
+_PEERCRED = struct.Struct("3i")
+
+Handler = Callable[[int], None]
+
+
+def set_nonblocking(fd: int) -> None:
+    """Never let a front-end's eventfd (or a hostile stand-in for one) block the loop."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def signal_eventfd(fd: int) -> None:
+    try:
+        os.write(fd, _ONE)
+    except OSError as exc:
+        if exc.errno != errno.EAGAIN:
+            log.debug("eventfd %d write failed: %s", fd, exc)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return _PEERCRED.unpack(raw)
+
+
+def _open_queue(
+    memory: GuestMemory, num: int, addr: VringAddr, base: int, event_idx: bool
+) -> SplitQueue:
+    return SplitQueue(memory, num, addr.desc_user_addr, addr.avail_user_addr,
+                      addr.used_user_addr, base, event_idx=event_idx)
+
+
+@dataclass(eq=False)
+class Ring:
+    """A started vring: the queue over guest memory and the eventfds around it."""
+
+    conn: Connection
+    index: int
+    addr: VringAddr
+    queue: SplitQueue
+    kick: int
+    call: int | None
+    enabled: bool
+    requests: int = 0
+
+
+class Connection:
+    """One front-end on one endpoint; implements the session's side effects."""
+
+    def __init__(self, endpoint: Endpoint, sock: socket.socket, loop: Loop) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.loop = loop
+        self.reader = MessageReader()
+        self.memory: GuestMemory | None = None
+        self.rings: dict[int, Ring] = {}
+        self.call_fds: dict[int, int | None] = {}
+        self.output = bytearray()
+        self.closed = False
+        self.device_features = endpoint.device.device_features
+        self.num_queues = endpoint.device.num_queues
+        self.session = Session(self)
+        sock.setblocking(False)
+        loop.register(sock.fileno(), select.EPOLLIN, self.on_socket)
+
+    # --- socket side -----------------------------------------------------------------------
+
+    def on_socket(self, events: int) -> None:
+        if events & select.EPOLLOUT:
+            self._flush()
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            self._receive()
+
+    def _receive(self) -> None:
+        try:
+            data, fds, msg_flags, _addr = socket.recv_fds(
+                self.sock, RECV_BYTES, MAX_FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"receive failed: {exc}")
+            return
+        if msg_flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            self.close("front-end sent more FDs than any message carries")
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.close("front-end disconnected", level=logging.INFO)
+            return
+        try:
+            self.reader.feed(data, fds)
+            while not self.closed and (msg := self.reader.next_message()) is not None:
+                reply, failure = self.session.handle(msg)
+                if failure:
+                    log.warning("%s: refused %s: %s", self.endpoint.name, msg.request_name(),
+                                failure)
+                if reply:
+                    self._send(reply)
+        except (ProtocolError, RingError) as exc:
+            self.close(f"protocol error: {exc}")
+        except Exception:
+            # A bug reached by front-end input must cost this connection only, not the process.
+            log.exception("%s: internal error while handling the front-end", self.endpoint.name)
+            self.close("internal error")
+
+    def _send(self, data: bytes) -> None:
+        self.output += data
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self.output:
+                sent = self.sock.send(self.output)
+                del self.output[:sent]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+            return
+        if len(self.output) > MAX_PENDING_OUTPUT:
+            self.close("front-end does not read its replies")
+            return
+        events = select.EPOLLIN | (select.EPOLLOUT if self.output else 0)
+        self.loop.modify(self.sock.fileno(), events)
+
+    # --- SessionHost -------------------------------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.endpoint.device.config().ljust(offset + size, b"\0")[offset : offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise ValueError("the virtio-blk config space is read-only")
+
+    def set_memory(self, regions: tuple[MemRegion, ...], fds: tuple[int, ...]) -> None:
+        try:
+            memory = GuestMemory(regions, fds, require_seal=self.endpoint.require_sealed_memory)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        old, self.memory = self.memory, memory
+        # Running rings move to the new table (QEMU resends it on memory hotplug).
+        for ring in self.rings.values():
+            queue = ring.queue
+            ring.queue = _open_queue(memory, queue.size, ring.addr, queue.last_avail,
+                                     queue.event_idx)
+            queue.release()
+        if old is not None:
+            old.close()
+
+    def start_ring(self, index: int, setup: RingSetup, event_idx: bool) -> None:
+        if self.memory is None or setup.addr is None or setup.kick is None:
+            raise ValueError("ring has no memory, address or kick FD")
+        queue = _open_queue(self.memory, setup.num, setup.addr, setup.base, event_idx)
+        set_nonblocking(setup.kick)
+        ring = Ring(self, index, setup.addr, queue, setup.kick, self.call_fds.get(index),
+                    setup.enabled)
+        try:
+            self.loop.register(setup.kick, select.EPOLLIN, lambda _ev: self.on_kick(ring))
+        except OSError as exc:
+            queue.release()
+            raise ValueError(f"kick FD cannot be polled: {exc}") from None
+        self.rings[index] = ring
+        log.debug("%s: vring %d started (size %d, base %d)", self.endpoint.name, index,
+                  setup.num, setup.base)
+        if ring.enabled:
+            self.loop.schedule(ring)
+
+    def stop_ring(self, index: int) -> int:
+        ring = self.rings.pop(index)
+        self.loop.unregister(ring.kick)
+        self.loop.unschedule(ring)
+        last_avail = ring.queue.last_avail
+        ring.queue.release()
+        return last_avail
+
+    def ring_enabled(self, index: int, enabled: bool) -> None:
+        ring = self.rings.get(index)
+        if ring is not None:
+            ring.enabled = enabled
+            if enabled:
+                self.loop.schedule(ring)
+
+    def call_fd_changed(self, index: int, fd: int | None) -> None:
+        if fd is not None:
+            set_nonblocking(fd)
+        self.call_fds[index] = fd
+        ring = self.rings.get(index)
+        if ring is not None:
+            ring.call = fd
+
+    def close_fd(self, fd: int) -> None:
+        os.close(fd)
+
+    # --- data path -------------------------------------------------------------------------
+
+    def on_kick(self, ring: Ring) -> None:
+        with contextlib.suppress(OSError):
+            os.read(ring.kick, 8)
+        self.serve(ring)
+
+    def serve(self, ring: Ring) -> None:
+        """Run one batch of a ring; reschedule it when the budget ran out."""
+        if not ring.enabled or self.closed:
+            return
+        queue = ring.queue
+        try:
+            done = self.endpoint.device.process(queue, QUEUE_BUDGET)
+            notify = queue.publish_used()
+        except RingError as exc:
+            self.fail_ring(ring, str(exc))
+            return
+        ring.requests += done
+        if notify and ring.call is not None:
+            signal_eventfd(ring.call)
+        if done >= QUEUE_BUDGET:
+            self.loop.schedule(ring)
+
+    def fail_ring(self, ring: Ring, reason: str) -> None:
+        """The guest broke this ring's structure: stop the device, tell the front-end."""
+        err = self.session.rings[ring.index].err
+        if err is not None:
+            signal_eventfd(err)
+        self.close(f"vring {ring.index} broken: {reason}")
+
+    # --- teardown --------------------------------------------------------------------------
+
+    def close(self, reason: str, *, level: int = logging.WARNING) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log.log(level, "%s: connection closed: %s", self.endpoint.name, reason)
+        try:
+            self.session.close()
+        finally:
+            self.loop.unregister(self.sock.fileno())
+            self.sock.close()
+            for fd in self.reader.take_fds():
+                os.close(fd)
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self.endpoint.connection_closed(self)
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """A vhost-user device listening on a socket; one front-end at a time."""
+
+    name: str
+    listener: socket.socket
+    device: BlkDevice
+    loop: Loop
+    require_sealed_memory: bool = True
+    connection: Connection | None = None
+    connections_served: int = 0
+
+    def __post_init__(self) -> None:
+        self.listener.setblocking(False)
+        self.loop.register(self.listener.fileno(), select.EPOLLIN, self.on_accept)
+
+    def on_accept(self, _events: int) -> None:
+        try:
+            sock, _addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("%s: accept failed: %s", self.name, exc)
+            return
+        pid, uid, gid = peer_credentials(sock)
+        if self.connection is not None:
+            log.warning("%s: refused a second front-end (pid %d uid %d): device already in use",
+                        self.name, pid, uid)
+            sock.close()
+            return
+        self.connections_served += 1
+        log.info("%s: front-end connected (pid %d uid %d gid %d)", self.name, pid, uid, gid)
+        self.connection = Connection(self, sock, self.loop)
+
+    def connection_closed(self, conn: Connection) -> None:
+        if self.connection is conn:
+            self.connection = None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close("backend shutting down", level=logging.INFO)
+        self.loop.unregister(self.listener.fileno())
+        self.listener.close()
+
+
+@dataclass(eq=False)
+class Loop:
+    """epoll plus a run queue of rings that still have work after their budget."""
+
+    epoll: select.epoll = field(default_factory=select.epoll)
+    handlers: dict[int, Handler] = field(default_factory=dict)
+    runnable: dict[Ring, None] = field(default_factory=dict)
+    stopping: bool = False
+
+    def register(self, fd: int, events: int, handler: Handler) -> None:
+        self.epoll.register(fd, events)
+        self.handlers[fd] = handler
+
+    def modify(self, fd: int, events: int) -> None:
+        self.epoll.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(fd)
+
+    def schedule(self, ring: Ring) -> None:
+        self.runnable[ring] = None
+
+    def unschedule(self, ring: Ring) -> None:
+        self.runnable.pop(ring, None)
+
+    def run_once(self, timeout: float = -1) -> None:
+        events = self.epoll.poll(0 if self.runnable else timeout)
+        handlers = self.handlers
+        for fd, mask in events:
+            handler = handlers.get(fd)
+            if handler is not None:
+                handler(mask)
+        if self.runnable:
+            batch = list(self.runnable)
+            self.runnable.clear()
+            for ring in batch:
+                ring.conn.serve(ring)
+
+    def run(self) -> None:
+        while not self.stopping:
+            self.run_once()
+
+    def stop_on_signals(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Wake the loop and end `run()` when one of these signals arrives."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._signal_pair = (reader, writer)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+        def on_wakeup(_events: int) -> None:
+            with contextlib.suppress(BlockingIOError):
+                reader.recv(64)
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self.stopping = True
+
+        for signum in signums:
+            signal.signal(signum, on_signal)
+        self.register(reader.fileno(), select.EPOLLIN, on_wakeup)

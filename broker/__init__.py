@@ -1,0 +1,1 @@
+"""The privileged broker (arrives with the privilege split)."""

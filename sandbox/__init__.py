@@ -1,0 +1,1 @@
+"""Confinement primitives (arrive with the privilege split)."""
