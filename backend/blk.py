@@ -25,6 +25,8 @@ T_GET_ID = 8
 T_DISCARD = 11
 T_WRITE_ZEROES = 13
 
+KNOWN_TYPES = frozenset({T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES})
+
 S_OK = 0
 S_IOERR = 1
 S_UNSUPP = 2
@@ -100,6 +102,8 @@ def parse_request(readable: list[memoryview], writable: list[memoryview]) -> Blk
             body.insert(0, first[HEADER.size :])
     else:
         rtype, sector, body = _gather_header(readable)
+    if rtype not in KNOWN_TYPES:
+        return BlkRequest(rtype, sector, [], status)
     if rtype in (T_IN, T_GET_ID):
         if body:
             raise RequestError(S_IOERR, f"type {rtype} request carries device-readable data")
@@ -295,13 +299,19 @@ class BlkDevice:
     def _discard_or_zero(self, req: BlkRequest) -> None:
         if self.readonly:
             raise RequestError(S_IOERR, "discard or write-zeroes on a read-only device")
+        # Validate every range before touching any, so a refused request changes nothing.
+        extents = []
         for sector, num_sectors, flags in parse_ranges(req.data):
             if req.type == T_DISCARD and flags:
                 raise RequestError(S_UNSUPP, f"discard flags {flags:#x}")
             if flags & ~WRITE_ZEROES_UNMAP:
                 raise RequestError(S_UNSUPP, f"write-zeroes flags {flags:#x}")
-            offset = self._check_range(sector, num_sectors << SECTOR_SHIFT)
+            if num_sectors > MAX_DISCARD_SECTORS:
+                # The advertised limit also bounds how long one request can hold the I/O thread.
+                raise RequestError(S_IOERR, f"range of {num_sectors} sectors exceeds the limit")
             length = num_sectors << SECTOR_SHIFT
+            extents.append((self._check_range(sector, length), length))
+        for offset, length in extents:
             if length:
                 self._deallocate(req.type, offset, length)
 

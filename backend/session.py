@@ -55,7 +55,7 @@ class RingSetup:
     kick: int | None = None
     call: int | None = None
     err: int | None = None
-    enabled: bool = True
+    enabled: bool = False
     started: bool = False
 
 
@@ -179,7 +179,9 @@ class Session:
         _no_payload(msg)
         self.close()
         self.features = 0
+        self.protocol_features = 0
         self.owner = False
+        self.memory_set = False
         return b""
 
     # --- memory ----------------------------------------------------------------------------

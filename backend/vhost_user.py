@@ -291,21 +291,25 @@ def encode_config_reply(request: int, req: ConfigRequest, data: bytes) -> bytes:
 
 @dataclass
 class MessageReader:
-    """Reassembles messages from a byte stream; FDs attach to the message they arrive with.
+    """Reassembles messages from a byte stream and gives each its FDs.
 
-    FDs received while a message is incomplete belong to that message (QEMU sends the header,
-    payload and FDs in one sendmsg). FDs the reader still holds are the caller's to close
-    via `take_fds()` when the connection ends.
+    On a unix stream socket one recvmsg can return several messages, and its FDs came with the
+    sendmsg whose bytes end the chunk (the kernel stops a read after a buffer carrying FDs). So
+    FDs belong to the message holding the last byte of the chunk they arrived with. FDs the
+    reader still holds are the caller's to close via `take_fds()` when the connection ends.
     """
 
     buffer: bytearray = field(default_factory=bytearray)
-    pending_fds: list[int] = field(default_factory=list)
+    # (buffer offset just past the chunk that carried them, the FDs)
+    fd_marks: list[tuple[int, list[int]]] = field(default_factory=list)
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         self.buffer += data
-        self.pending_fds.extend(fds)
-        if len(self.pending_fds) > MAX_FDS_PER_MESSAGE:
-            raise ProtocolError(f"{len(self.pending_fds)} FDs arrived for one message")
+        if fds:
+            self.fd_marks.append((len(self.buffer), list(fds)))
+            held = sum(len(f) for _, f in self.fd_marks)
+            if held > MAX_FDS_PER_MESSAGE:
+                raise ProtocolError(f"{held} FDs arrived for one message")
 
     def next_message(self) -> Message | None:
         """Return the next complete message, or None when more bytes are needed."""
@@ -317,10 +321,17 @@ class MessageReader:
             return None
         payload = bytes(self.buffer[HEADER_SIZE:end])
         del self.buffer[:end]
-        fds = tuple(self.pending_fds)
-        self.pending_fds.clear()
-        return Message(request, flags, payload, fds)
+        fds: list[int] = []
+        remaining = []
+        for mark, mark_fds in self.fd_marks:
+            if mark <= end:
+                fds.extend(mark_fds)
+            else:
+                remaining.append((mark - end, mark_fds))
+        self.fd_marks = remaining
+        return Message(request, flags, payload, tuple(fds))
 
     def take_fds(self) -> list[int]:
-        fds, self.pending_fds = self.pending_fds, []
+        fds = [fd for _, mark_fds in self.fd_marks for fd in mark_fds]
+        self.fd_marks = []
         return fds

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.guest import blk_check_problems, blk_check_script, boot_guest  # noqa: E402
+from tests.e2e.guest import blk_check_problems, blk_check_script, boot_guest
 
 IMAGE_MIB = 128
 
