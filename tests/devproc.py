@@ -40,6 +40,7 @@ class DevBackend:
         for sock in readonly:
             argv += ["--readonly", sock]
         self.sockets = list(exports)
+        self._final_log: str | None = None
         # Lives as long as the backend; closed in __exit__.
         self._log = tempfile.NamedTemporaryFile(prefix="ringfence-dev-", suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=self._log)
@@ -62,6 +63,8 @@ class DevBackend:
         return self.process.poll() is None
 
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         return Path(self._log.name).read_text(errors="replace")
 
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> None:
@@ -82,4 +85,5 @@ class DevBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self._final_log = self.log()  # still readable after the temp file is gone
         self._log.close()
