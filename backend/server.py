@@ -50,9 +50,38 @@ def set_nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
-def signal_eventfd(fd: int) -> None:
+def _eventfd_identity() -> tuple[int, int]:
+    fd = os.eventfd(0)
     try:
-        os.write(fd, _ONE)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
+
+
+# Eventfds live on the kernel's one anonymous inode; taken at import, before any confinement.
+_EVENTFD_IDENTITY = _eventfd_identity()
+
+
+def check_eventfd(fd: int) -> None:
+    """Refuse a kick/call/err FD that is not an eventfd (a pipe or socket could hang up or
+    block), and make it non-blocking."""
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != _EVENTFD_IDENTITY:
+        raise ValueError("the FD is not an eventfd")
+    set_nonblocking(fd)
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to a front-end's eventfd without ever blocking the loop.
+
+    The front-end shares the file description: it can clear O_NONBLOCK and fill the counter,
+    so writability is checked first and a full counter is skipped (the guest is already
+    notified many times over).
+    """
+    try:
+        if select.select((), (fd,), (), 0)[1]:
+            os.write(fd, _ONE)
     except OSError as exc:
         if exc.errno != errno.EAGAIN:
             log.debug("eventfd %d write failed: %s", fd, exc)
@@ -97,6 +126,7 @@ class Connection:
         self.call_fds: dict[int, int | None] = {}
         self.output = bytearray()
         self.closed = False
+        self.stopped_ring_requests = 0
         self.device_features = endpoint.device.device_features
         self.num_queues = endpoint.device.num_queues
         self.session = Session(self)
@@ -181,25 +211,34 @@ class Connection:
         finally:
             for fd in fds:
                 os.close(fd)
-        old, self.memory = self.memory, memory
-        # Running rings move to the new table (QEMU resends it on memory hotplug).
-        for ring in self.rings.values():
-            queue = ring.queue
-            ring.queue = _open_queue(memory, queue.size, ring.addr, queue.last_avail,
-                                     queue.event_idx)
-            queue.release()
-        if old is not None:
-            old.close()
+        # Running rings move to the new table (QEMU resends it on memory hotplug): all of them
+        # or, if one cannot, none, and the table in force stays the old one.
+        moved: dict[int, SplitQueue] = {}
+        try:
+            for index, ring in self.rings.items():
+                queue = ring.queue
+                moved[index] = _open_queue(memory, queue.size, ring.addr, queue.last_avail,
+                                           queue.event_idx)
+        except RingError as exc:
+            for queue in moved.values():
+                queue.release()
+            memory.close()
+            raise ValueError(f"new memory table does not hold vring {index}: {exc}") from None
+        for index, queue in moved.items():
+            self.rings[index].queue.release()
+            self.rings[index].queue = queue
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = memory
 
     def start_ring(self, index: int, setup: RingSetup, event_idx: bool) -> None:
         if self.memory is None or setup.addr is None or setup.kick is None:
             raise ValueError("ring has no memory, address or kick FD")
         queue = _open_queue(self.memory, setup.num, setup.addr, setup.base, event_idx)
-        set_nonblocking(setup.kick)
         ring = Ring(self, index, setup.addr, queue, setup.kick, self.call_fds.get(index),
                     setup.enabled)
         try:
-            self.loop.register(setup.kick, select.EPOLLIN, lambda _ev: self.on_kick(ring))
+            self.loop.register(setup.kick, select.EPOLLIN, lambda ev: self.on_kick(ring, ev))
         except OSError as exc:
             queue.release()
             raise ValueError(f"kick FD cannot be polled: {exc}") from None
@@ -211,6 +250,7 @@ class Connection:
 
     def stop_ring(self, index: int) -> int:
         ring = self.rings.pop(index)
+        self.stopped_ring_requests += ring.requests
         self.loop.unregister(ring.kick)
         self.loop.unschedule(ring)
         last_avail = ring.queue.last_avail
@@ -224,9 +264,10 @@ class Connection:
             if enabled:
                 self.loop.schedule(ring)
 
+    def accept_eventfd(self, fd: int) -> None:
+        check_eventfd(fd)
+
     def call_fd_changed(self, index: int, fd: int | None) -> None:
-        if fd is not None:
-            set_nonblocking(fd)
         self.call_fds[index] = fd
         ring = self.rings.get(index)
         if ring is not None:
@@ -235,9 +276,16 @@ class Connection:
     def close_fd(self, fd: int) -> None:
         os.close(fd)
 
+    def requests_served(self) -> int:
+        return self.stopped_ring_requests + sum(r.requests for r in self.rings.values())
+
     # --- data path -------------------------------------------------------------------------
 
-    def on_kick(self, ring: Ring) -> None:
+    def on_kick(self, ring: Ring, events: int) -> None:
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            # Level-triggered: a hung-up FD would fire forever. Eventfds never hang up.
+            self.fail_ring(ring, "kick FD hung up")
+            return
         with contextlib.suppress(OSError):
             os.read(ring.kick, 8)
         self.serve(ring)
@@ -252,6 +300,10 @@ class Connection:
             notify = queue.publish_used()
         except RingError as exc:
             self.fail_ring(ring, str(exc))
+            return
+        except Exception:
+            log.exception("%s: internal error serving vring %d", self.endpoint.name, ring.index)
+            self.close("internal error")
             return
         ring.requests += done
         if notify and ring.call is not None:
@@ -297,6 +349,7 @@ class Endpoint:
     require_sealed_memory: bool = True
     connection: Connection | None = None
     connections_served: int = 0
+    past_requests: int = 0
 
     def __post_init__(self) -> None:
         self.listener.setblocking(False)
@@ -321,8 +374,13 @@ class Endpoint:
         self.connection = Connection(self, sock, self.loop)
 
     def connection_closed(self, conn: Connection) -> None:
+        self.past_requests += conn.requests_served()
         if self.connection is conn:
             self.connection = None
+
+    def requests_served(self) -> int:
+        current = self.connection.requests_served() if self.connection is not None else 0
+        return self.past_requests + current
 
     def close(self) -> None:
         if self.connection is not None:
@@ -339,6 +397,7 @@ class Loop:
     handlers: dict[int, Handler] = field(default_factory=dict)
     runnable: dict[Ring, None] = field(default_factory=dict)
     stopping: bool = False
+    signal_pair: tuple[socket.socket, ...] = ()
 
     def register(self, fd: int, events: int, handler: Handler) -> None:
         self.epoll.register(fd, events)
@@ -364,7 +423,12 @@ class Loop:
         for fd, mask in events:
             handler = handlers.get(fd)
             if handler is not None:
-                handler(mask)
+                try:
+                    handler(mask)
+                except Exception:
+                    # Last line of defence: a bug must not take down every VM's device.
+                    log.exception("internal error handling FD %d; dropping it", fd)
+                    self.unregister(fd)
         if self.runnable:
             batch = list(self.runnable)
             self.runnable.clear()
@@ -380,7 +444,7 @@ class Loop:
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
-        self._signal_pair = (reader, writer)
+        self.signal_pair = (reader, writer)
         signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
 
         def on_wakeup(_events: int) -> None:
@@ -394,3 +458,7 @@ class Loop:
         for signum in signums:
             signal.signal(signum, on_signal)
         self.register(reader.fileno(), select.EPOLLIN, on_wakeup)
+
+    def signal_fds(self) -> list[int]:
+        """The wakeup socketpair's FDs (a confined process must keep them open)."""
+        return [s.fileno() for s in self.signal_pair]

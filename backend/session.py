@@ -83,6 +83,10 @@ class SessionHost(Protocol):
 
     def call_fd_changed(self, index: int, fd: int | None) -> None: ...
 
+    def accept_eventfd(self, fd: int) -> None:
+        """Raise ValueError unless `fd` is an eventfd (then usable without blocking)."""
+
+
     def close_fd(self, fd: int) -> None: ...
 
 
@@ -193,8 +197,7 @@ class Session:
         try:
             self.host.set_memory(regions, msg.fds)
         except ValueError as exc:
-            self.memory_set = False
-            raise ProtocolError(str(exc)) from None
+            raise ProtocolError(str(exc)) from None  # the previous table stays in force
         self.memory_set = True
         return b""
 
@@ -322,6 +325,11 @@ class Session:
             raise ProtocolError(f"{what} without the {feature.name} protocol feature")
 
     def _replace_fd(self, ring: RingSetup, slot: str, fd: int | None, keep: set[int]) -> None:
+        if fd is not None:
+            try:
+                self.host.accept_eventfd(fd)
+            except (ValueError, OSError) as exc:
+                raise ProtocolError(f"vring {slot} FD refused: {exc}") from None
         old = getattr(ring, slot)
         if old is not None:
             self.host.close_fd(old)

@@ -70,6 +70,34 @@ class DevBackend:
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> None:
         wait_until(lambda: needle in self.log(), timeout, f"log line containing {needle!r}")
 
+    def log_mark(self) -> int:
+        """Where the log ends now; pass as `since` to look only at later lines."""
+        return len(self.log())
+
+    def wait_for_line(self, *needles: str, since: int = 0, timeout: float = 10.0) -> str:
+        """Wait for one log line (after `since`) containing every needle; return it."""
+        found: list[str] = []
+
+        def line_present() -> bool:
+            for line in self.log()[since:].splitlines():
+                if all(n in line for n in needles):
+                    found.append(line)
+                    return True
+            return False
+
+        wait_until(line_present, timeout, f"log line containing all of {needles!r}")
+        return found[0]
+
+    def frontends_on(self, sock: str) -> int:
+        """Front-ends the backend has accepted on `sock` and not yet seen go (from the log)."""
+        log = self.log()
+        return log.count(f"{sock}: front-end connected") - log.count(f"{sock}: connection closed")
+
+    def wait_until_free(self, sock: str, timeout: float = 10.0) -> None:
+        """Wait until the backend has dropped every front-end of `sock`, so a new one is
+        accepted rather than refused as a second front-end."""
+        wait_until(lambda: self.frontends_on(sock) == 0, timeout, f"{sock} free")
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()

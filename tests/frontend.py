@@ -256,6 +256,7 @@ class GuestMemory:
     `regions=2` splits RAM into a low region at GPA 0 and a high one at `high_gpa`,
     leaving a hole between them; `shared_fd=True` backs both with one memfd, the high
     region at a non-zero mmap_offset, to exercise every field of the memory table.
+    `sealed=False` leaves the memfds unsealed (a front-end a careful back-end refuses).
     """
 
     def __init__(
@@ -265,6 +266,7 @@ class GuestMemory:
         regions: int = 1,
         shared_fd: bool = False,
         high_gpa: int = HIGH_GPA,
+        sealed: bool = True,
     ) -> None:
         if regions not in (1, 2):
             raise ValueError("regions must be 1 or 2")
@@ -279,6 +281,7 @@ class GuestMemory:
         self.regions: list[MemRegion] = []
         self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
+        self.sealed = sealed
         shared = self._memfd(size) if shared_fd else -1
         if shared >= 0:
             self._fds.append(shared)
@@ -299,13 +302,13 @@ class GuestMemory:
             offset += length
         self._next = [r.gpa for r in self.regions]
 
-    @staticmethod
-    def _memfd(size: int) -> int:
+    def _memfd(self, size: int) -> int:
         fd = os.memfd_create("ringfence-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         # Sealed like QEMU's memory-backend-memfd, so a back-end may rely on the size
         # never changing under its mapping (no SIGBUS from a shrinking file).
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        if self.sealed:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         return fd
 
     def alloc(self, size: int, align: int = 64, *, region: int | None = None) -> int:
@@ -582,6 +585,10 @@ class VhostUserConnection:
         else:
             self.set(request, pack_u64(index), [fd])
 
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        """The eventfd the back-end signals when it stops ring `index` as broken."""
+        self._set_vring_fd(Req.SET_VRING_ERR, index, fd)
+
     def set_vring_enable(self, index: int, enable: bool) -> None:
         self.set(Req.SET_VRING_ENABLE, pack_vring_state(index, int(enable)))
 
@@ -734,6 +741,9 @@ class SplitQueue:
                 flags = (DESC_F_WRITE if writable else 0) | (0 if last else DESC_F_NEXT)
                 self.write_desc(ids[j], gpa, length, flags, 0 if last else ids[j + 1])
         self._chains[head] = ids
+        # A completion of an earlier chain with this head that nobody waited for (its
+        # wait timed out) must not be mistaken for this chain's.
+        self.stray = [s for s in self.stray if s[0] != head]
         self.write_avail(self.avail_idx & (self.size - 1), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         if publish:
@@ -878,6 +888,7 @@ class BlkFrontend:
     test can interpose anything between (or instead of) the steps. `open()` does all.
     `features=None` negotiates what the device offers of VERSION_1, PROTOCOL_FEATURES,
     the blk bits and (if enabled) EVENT_IDX / INDIRECT_DESC; an int is sent verbatim.
+    `sealed=False` gives the guest RAM memfds without F_SEAL_SHRINK/F_SEAL_GROW.
     """
 
     def __init__(
@@ -893,6 +904,7 @@ class BlkFrontend:
         indirect: bool = True,
         features: int | None = None,
         timeout: float = 5.0,
+        sealed: bool = True,
     ) -> None:
         self.path = path
         self.queue_size = queue_size
@@ -901,7 +913,7 @@ class BlkFrontend:
         self._want_event_idx = event_idx
         self._want_indirect = indirect
         self._explicit_features = features
-        self.mem = GuestMemory(mem_size, regions=regions, shared_fd=shared_fd)
+        self.mem = GuestMemory(mem_size, regions=regions, shared_fd=shared_fd, sealed=sealed)
         try:
             self.conn = VhostUserConnection.connect(path, timeout)
         except BaseException:

@@ -41,6 +41,7 @@ class FakeHost:
     closed: list[int] = field(default_factory=list)
     refuse_memory: bool = False
     refuse_start: bool = False
+    not_eventfds: set[int] = field(default_factory=set)
     stop_base: int = 0
     written_config: list[tuple[int, bytes]] = field(default_factory=list)
     _fds: itertools.count = field(default_factory=lambda: itertools.count(100))
@@ -77,6 +78,10 @@ class FakeHost:
 
     def call_fd_changed(self, index: int, fd: int | None) -> None:
         self.calls.append(("call_fd_changed", index, fd))
+
+    def accept_eventfd(self, fd: int) -> None:
+        if fd in self.not_eventfds:
+            raise ValueError("the FD is not an eventfd")
 
     def close_fd(self, fd: int) -> None:
         self.closed.append(fd)
@@ -309,7 +314,8 @@ def test_set_mem_table_malformed_closes_its_fds_and_never_reaches_the_host(sessi
     assert not session.memory_set
 
 
-def test_set_mem_table_refused_by_host_is_a_protocol_error_and_unsets_memory(session, host):
+def test_set_mem_table_refused_by_host_is_a_protocol_error_and_keeps_the_old_table(session,
+                                                                                   host):
     ok(session, msg(Request.SET_MEM_TABLE, mem_table(), (host.fd(),)))
     host.refuse_memory = True
     fd = host.fd()
@@ -317,7 +323,7 @@ def test_set_mem_table_refused_by_host_is_a_protocol_error_and_unsets_memory(ses
                                         need_reply=True))
     assert ack_value(reply) == 1
     assert "not sealed" in failure
-    assert not session.memory_set
+    assert session.memory_set  # the previous table is still in force
     assert host.closed.count(fd) == 1
 
 
@@ -659,3 +665,19 @@ def test_reset_owner_stops_rings_and_forgets_features(session, host):
     assert session.features == 0
     assert not session.owner
     assert session.rings[0].num == 0
+
+
+@pytest.mark.parametrize("request_type", [Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                                          Request.SET_VRING_ERR])
+def test_vring_fd_that_is_not_an_eventfd_is_refused_and_closed(request_type: Request) -> None:
+    host = FakeHost()
+    session = Session(host)
+    fd = host.fd()
+    host.not_eventfds.add(fd)
+    reply, failure = session.handle(msg(request_type, (0).to_bytes(8, "little"), (fd,),
+                                        need_reply=True))
+    assert failure is not None and "not an eventfd" in failure
+    assert int.from_bytes(reply[12:], "little") != 0
+    assert host.closed == [fd]
+    ring = session.rings[0]
+    assert (ring.kick, ring.call, ring.err) == (None, None, None)
