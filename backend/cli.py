@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from backend.blk import BlkDevice
 from backend.server import Endpoint, Loop
@@ -137,6 +139,62 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+BACKEND_POLICY = Path(__file__).resolve().parent.parent / "policies" / "backend.policy"
+DEFAULT_POLICY = "/etc/ringfence/policy.toml"
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    from backend.channel import serve_for_broker
+
+    return serve_for_broker(args.channel_fd, args.group, args.uid, args.gid,
+                            Path(args.seccomp_policy), args.seccomp)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.service import run_broker
+
+    return run_broker(args.policy)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """status / reload / stop through the broker's admin socket."""
+    from broker.admin import admin_request
+    from broker.policy import PolicyError, admin_socket_path, parse_policy
+
+    try:
+        with open(args.policy, "rb") as f:
+            settings = parse_policy(f.read(), args.policy).broker
+    except OSError as exc:
+        raise UsageError(f"policy {args.policy} cannot be read: {exc.strerror}") from None
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+    path = admin_socket_path(settings)
+    try:
+        response = admin_request(path, args.command)
+    except OSError as exc:
+        print(f"ringfence: cannot reach the broker at {path}: {exc.strerror or exc}; is "
+              "ringfence-broker running?", file=sys.stderr)
+        return 1
+    if args.command == "status" and not args.json and response.get("ok"):
+        print(format_status(response))
+    else:
+        print(json.dumps(response, indent=2 if not args.json else None))
+    return 0 if response.get("ok") else 1
+
+
+def format_status(status: dict) -> str:
+    lines = [f"broker pid {status['pid']}  policy {status['policy']}"]
+    for group, entry in status["groups"].items():
+        pid = entry["pid"] if entry["pid"] is not None else "not running"
+        lines.append(f"group {group}: backend pid {pid}" +
+                     (f"  ERROR {entry['error']}" if "error" in entry else ""))
+        for dev in entry["devices"]:
+            state = "connected" if dev["connected"] else "waiting for QEMU"
+            lines.append(f"  vm {dev['vm']:<16} disk{dev['disk']}  {state:<17} "
+                         f"{dev['requests']:>10} requests")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringfence", description=__doc__)
     parser.add_argument("--log-level", default="info",
@@ -154,6 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept guest memory FDs without F_SEAL_SHRINK (a shrinking file "
                      "would kill the backend with SIGBUS)")
     dev.set_defaults(func=cmd_dev)
+
+    broker = sub.add_parser("broker", help="the privileged broker daemon (run by systemd)")
+    broker.add_argument("--policy", default=DEFAULT_POLICY, help="signed policy file")
+    broker.set_defaults(func=cmd_broker)
+
+    backend = sub.add_parser("backend", help="internal: the confined backend the broker spawns")
+    backend.add_argument("--channel-fd", type=int, required=True)
+    backend.add_argument("--group", required=True)
+    backend.add_argument("--uid", type=int, required=True)
+    backend.add_argument("--gid", type=int, required=True)
+    backend.add_argument("--seccomp", choices=["kill", "log"], default="kill")
+    backend.add_argument("--seccomp-policy", default=str(BACKEND_POLICY))
+    backend.set_defaults(func=cmd_backend)
+
+    for name, text in (("status", "show the broker, its backends and their devices"),
+                       ("reload", "re-read the policy; add and remove VMs in place"),
+                       ("stop", "stop the broker and its backends")):
+        admin_cmd = sub.add_parser(name, help=text)
+        admin_cmd.add_argument("--policy", default=DEFAULT_POLICY)
+        admin_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        admin_cmd.set_defaults(func=cmd_admin)
+
+    from broker import audit, qemu, systemd
+    from broker.policy_cli import add_policy_commands
+
+    add_policy_commands(sub)
+    qemu.add_commands(sub)
+    audit.add_commands(sub)
+    systemd.add_commands(sub)
     return parser
 
 

@@ -573,3 +573,11 @@ def test_cli_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as info:
         run_cli("policy", "sign", "policy.toml")  # no --key
     assert info.value.code == 2
+
+
+def test_shipped_example_policy_parses_with_its_vms_and_groups() -> None:
+    path = Path(__file__).resolve().parent.parent / "policies" / "example-vms.toml"
+    policy = parse_policy(path.read_bytes(), str(path))
+    assert sorted(policy.groups) == ["tenant-a", "tenant-b"]
+    assert [vm.name for vm in policy.vms_in_group("tenant-a")] == ["web1"]
+    assert policy.vms["web1"].disks[1].readonly

@@ -352,6 +352,15 @@ class RunningGuest:
         self._workdir.cleanup()
 
 
+def write_initrd(script: str, dest: Path) -> Path:
+    """Write an initramfs that runs `script` as /test.sh to `dest` (for policies naming it)."""
+    script_archive = _Cpio()
+    script_archive.file("test.sh", script.encode(), 0o755)
+    # Linux unpacks concatenated archives in turn, so the cached base needs no copy-and-edit.
+    dest.write_bytes(guest_image().initramfs.read_bytes() + script_archive.gzipped())
+    return dest
+
+
 def start_guest(
     blk_sockets: Sequence[str | os.PathLike[str]] = (),
     script: str = "",
@@ -369,11 +378,7 @@ def start_guest(
     """
     image = guest_image()
     workdir = tempfile.TemporaryDirectory(prefix="ringfence-guest-")
-    initrd = Path(workdir.name) / "initrd.cpio.gz"
-    # Linux unpacks concatenated archives in turn, so the cached base needs no copy-and-edit.
-    script_archive = _Cpio()
-    script_archive.file("test.sh", script.encode(), 0o755)
-    initrd.write_bytes(image.initramfs.read_bytes() + script_archive.gzipped())
+    initrd = write_initrd(script, Path(workdir.name) / "initrd.cpio.gz")
     argv = [
         QEMU, "-accel", "tcg", "-m", str(mem_mb), "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,

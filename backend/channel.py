@@ -1,0 +1,138 @@
+"""The confined backend's side of the broker channel: devices arrive as FDs, never as paths.
+
+The broker sends ADD_BLK with a listening vhost-user socket and an open image; the backend
+wraps them in an `Endpoint` on its one event loop. It cannot open anything itself, so every
+device it serves is one the broker granted. Channel EOF means the broker is gone: shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+from pathlib import Path
+from typing import Any
+
+from backend.blk import BlkDevice
+from backend.server import Endpoint, Loop
+from broker.fdpass import TO_BACKEND, FrameError, Kind, recv_frame, send_frame
+from sandbox.confine import ConfinementError, confine
+
+log = logging.getLogger(__name__)
+
+
+class BrokerChannel:
+    """Serves the broker's requests on one SOCK_SEQPACKET socket inside the event loop."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, group: str) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.group = group
+        # (vm, disk) -> (endpoint, image fd)
+        self.devices: dict[tuple[str, int], tuple[Endpoint, int]] = {}
+        sock.setblocking(False)
+        loop.register(sock.fileno(), select.EPOLLIN, self.on_readable)
+
+    def announce_ready(self) -> None:
+        send_frame(self.sock, Kind.READY, {"devices": len(self.devices)})
+
+    def on_readable(self, _events: int) -> None:
+        try:
+            received = recv_frame(self.sock, TO_BACKEND)
+        except BlockingIOError:
+            return
+        except FrameError as exc:
+            log.error("group %s: refused a frame from the broker: %s", self.group, exc)
+            return
+        except OSError as exc:
+            log.error("group %s: broker channel failed: %s; shutting down", self.group, exc)
+            self.loop.stopping = True
+            return
+        if received is None:
+            log.info("group %s: broker closed the channel; shutting down", self.group)
+            self.loop.stopping = True
+            return
+        frame, fds = received
+        handler = {
+            Kind.ADD_BLK: self._add_blk,
+            Kind.REMOVE_VM: self._remove_vm,
+            Kind.STATUS: self._status,
+            Kind.STOP: self._stop,
+        }[frame.kind]
+        handler(frame.fields, fds)
+
+    def _add_blk(self, fields: dict[str, Any], fds: list[int]) -> None:
+        listener_fd, image_fd = fds
+        key = (fields["vm"], fields["disk"])
+        name = f"vm {fields['vm']} disk{fields['disk']} ({fields['socket']})"
+        listener = None
+        try:
+            if key in self.devices:
+                raise ValueError("this device is already being served")
+            # Family and type given: Python would otherwise ask the kernel (getsockopt).
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=listener_fd)
+            device = BlkDevice(image_fd, readonly=fields["readonly"],
+                               num_queues=fields["num_queues"], serial=fields["serial"])
+            endpoint = Endpoint(name, listener, device, self.loop)
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot serve: %s", name, exc)
+            if listener is not None:
+                listener.close()
+            else:
+                os.close(listener_fd)
+            os.close(image_fd)
+            send_frame(self.sock, Kind.ERROR, {"vm": fields["vm"], "message": str(exc)})
+            return
+        self.devices[key] = (endpoint, image_fd)
+        log.info("%s: serving (%d sectors, %s)", name, device.capacity,
+                 "read-only" if device.readonly else "read-write")
+
+    def _remove_vm(self, fields: dict[str, Any], _fds: list[int]) -> None:
+        for key in [k for k in self.devices if k[0] == fields["vm"]]:
+            endpoint, image_fd = self.devices.pop(key)
+            endpoint.close()
+            os.close(image_fd)
+            log.info("%s: removed", endpoint.name)
+
+    def _status(self, _fields: dict[str, Any], _fds: list[int]) -> None:
+        devices = [
+            {"vm": vm, "disk": disk, "socket": endpoint.name,
+             "connected": endpoint.connection is not None,
+             "requests": endpoint.requests_served()}
+            for (vm, disk), (endpoint, _fd) in sorted(self.devices.items())
+        ]
+        send_frame(self.sock, Kind.STATUS_REPLY, {"devices": devices})
+
+    def _stop(self, _fields: dict[str, Any], _fds: list[int]) -> None:
+        log.info("group %s: stop requested by the broker", self.group)
+        self.loop.stopping = True
+
+    def close(self) -> None:
+        for vm in {vm for vm, _disk in self.devices}:
+            self._remove_vm({"vm": vm}, [])
+        self.loop.unregister(self.sock.fileno())
+        self.sock.close()
+
+
+def serve_for_broker(
+    channel_fd: int, group: str, uid: int, gid: int, seccomp_policy: Path, seccomp_action: str
+) -> int:
+    """The confined backend's main: set everything up, confine, then serve the broker."""
+    loop = Loop()
+    loop.stop_on_signals()  # creates its wakeup socketpair now: socket() is gone after confine
+    channel = BrokerChannel(loop, socket.socket(fileno=channel_fd), group)
+    keep = [channel_fd, loop.epoll.fileno(), *loop.signal_fds()]
+    try:
+        confine(keep_fds=keep, uid=uid, gid=gid, seccomp_policy=seccomp_policy,
+                seccomp_action=seccomp_action)
+    except ConfinementError as exc:
+        log.error("group %s: %s; the backend will not serve unconfined", group, exc)
+        return 1
+    log.info("group %s: confined (uid %d, seccomp %s); serving", group, uid, seccomp_action)
+    channel.announce_ready()
+    try:
+        loop.run()
+    finally:
+        channel.close()
+    return 0
