@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from backend.blk import BlkDevice
+from backend.scheduler import Qos
 from backend.server import Endpoint, Loop
+from backend.stats import combined
 from broker.fdpass import TO_BACKEND, FrameError, Kind, recv_frame, send_frame
 from sandbox.confine import ConfinementError, confine
 
@@ -59,6 +61,7 @@ class BrokerChannel:
             Kind.REMOVE_VM: self._remove_vm,
             Kind.STATUS: self._status,
             Kind.STOP: self._stop,
+            Kind.SET_QOS: self._set_qos,
         }[frame.kind]
         handler(frame.fields, fds)
 
@@ -74,7 +77,7 @@ class BrokerChannel:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=listener_fd)
             device = BlkDevice(image_fd, readonly=fields["readonly"],
                                num_queues=fields["num_queues"], serial=fields["serial"])
-            endpoint = Endpoint(name, listener, device, self.loop)
+            endpoint = Endpoint(name, listener, device, self.loop, vm=fields["vm"])
         except (OSError, ValueError) as exc:
             log.error("%s: cannot serve: %s", name, exc)
             if listener is not None:
@@ -95,13 +98,37 @@ class BrokerChannel:
             os.close(image_fd)
             log.info("%s: removed", endpoint.name)
 
+    def _set_qos(self, fields: dict[str, Any], _fds: list[int]) -> None:
+        vm = fields["vm"]
+        try:
+            qos = Qos(weight=fields["weight"], priority=fields["priority"],
+                      iops_limit=fields["iops_limit"] or None,
+                      bps_limit=fields["bps_limit"] or None,
+                      burst=fields["burst_milli"] / 1000)
+        except ValueError as exc:
+            send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": f"QoS refused: {exc}"})
+            return
+        if not any(v == vm for v, _disk in self.devices):
+            send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": "QoS for a VM not served"})
+            return
+        self.loop.dispatcher.set_qos(vm, qos)
+        log.info("vm %s: QoS %s", vm, qos)
+
     def _status(self, _fields: dict[str, Any], _fds: list[int]) -> None:
-        devices = [
-            {"vm": vm, "disk": disk, "socket": endpoint.name,
-             "connected": endpoint.connection is not None,
-             "requests": endpoint.requests_served()}
-            for (vm, disk), (endpoint, _fd) in sorted(self.devices.items())
-        ]
+        devices = []
+        for (vm, disk), (endpoint, _fd) in sorted(self.devices.items()):
+            totals = combined([r.stats for r in endpoint.runtimes.values()])
+            latency = totals.latency
+            devices.append({
+                "vm": vm, "disk": disk, "socket": endpoint.name,
+                "connected": endpoint.connection is not None,
+                "requests": totals.requests, "bytes": totals.bytes, "kicks": totals.kicks,
+                "interrupts": totals.interrupts,
+                "p50_us": latency.percentile(50) // 1000,
+                "p99_us": latency.percentile(99) // 1000,
+                "p999_us": latency.percentile(99.9) // 1000,
+                "throttled_ms": self.loop.dispatcher.throttled_ns(vm) // 1_000_000,
+            })
         send_frame(self.sock, Kind.STATUS_REPLY, {"devices": devices})
 
     def _stop(self, _fields: dict[str, Any], _fds: list[int]) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.blk import BlkDevice
+from backend.scheduler import Qos, Scheduler
 from backend.server import Endpoint, Loop
 
 log = logging.getLogger("ringfence")
@@ -103,11 +104,49 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_qos(spec: str) -> tuple[str, Qos]:
+    """`SOCKET=weight=2,priority=high,iops=2000,bps=20M,burst=2` -> (socket path, Qos)."""
+    sock_path, sep, settings = spec.partition("=")
+    if not sep or not settings:
+        raise UsageError(f"--qos {spec!r} must be SOCKET=KEY=VALUE[,KEY=VALUE...]")
+    fields: dict[str, object] = {}
+    for item in settings.split(","):
+        key, _, value = item.partition("=")
+        try:
+            if key == "weight":
+                fields["weight"] = int(value)
+            elif key == "priority":
+                fields["priority"] = value
+            elif key == "iops":
+                fields["iops_limit"] = int(value)
+            elif key == "bps":
+                unit = value[-1:].upper() if value[-1:].isalpha() else ""
+                fields["bps_limit"] = int(value[: len(value) - len(unit)]) * _SIZE_UNITS[unit]
+            elif key == "burst":
+                fields["burst"] = float(value)
+            else:
+                raise UsageError(f"--qos {spec!r}: unknown setting {key!r}; use weight, "
+                                 "priority, iops, bps or burst")
+        except (ValueError, KeyError):
+            raise UsageError(f"--qos {spec!r}: {item!r} is not a valid value") from None
+    try:
+        return os.path.abspath(sock_path), Qos(**fields)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(f"--qos {spec!r}: {exc}") from None
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     exports = parse_blk_exports(args.blk, args.readonly)
     if args.num_queues < 1 or args.num_queues > 64:
         raise UsageError(f"--num-queues {args.num_queues} must be between 1 and 64")
-    loop = Loop()
+    qos = dict(parse_qos(spec) for spec in args.qos)
+    for path in qos:
+        if path not in {e.socket_path for e in exports}:
+            raise UsageError(f"--qos {path} names no --blk socket")
+    loop = Loop(args.model, Scheduler(latency_target_ns=args.latency_target_us * 1000))
     endpoints: list[Endpoint] = []
     image_fds: list[int] = []
     sockets: list[socket.socket] = []
@@ -120,7 +159,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             device = BlkDevice(fd, readonly=export.readonly, num_queues=args.num_queues,
                                serial=os.path.basename(export.image_path))
             endpoints.append(Endpoint(export.socket_path, sock, device, loop,
-                                      require_sealed_memory=not args.allow_unsealed_memory))
+                                      require_sealed_memory=not args.allow_unsealed_memory,
+                                      qos=qos.get(export.socket_path, Qos())))
             log.info("serving %s on %s (%d sectors, %s, %d queues)", export.image_path,
                      export.socket_path, device.capacity, "read-only" if export.readonly
                      else "read-write", args.num_queues)
@@ -156,19 +196,36 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return run_broker(args.policy)
 
 
-def cmd_admin(args: argparse.Namespace) -> int:
-    """status / reload / stop through the broker's admin socket."""
-    from broker.admin import admin_request
+def admin_socket_of(policy_path: str) -> str:
+    """The admin socket named by a policy (read, not verified: the broker verifies it)."""
     from broker.policy import PolicyError, admin_socket_path, parse_policy
 
     try:
-        with open(args.policy, "rb") as f:
-            settings = parse_policy(f.read(), args.policy).broker
+        with open(policy_path, "rb") as f:
+            return admin_socket_path(parse_policy(f.read(), policy_path).broker)
     except OSError as exc:
-        raise UsageError(f"policy {args.policy} cannot be read: {exc.strerror}") from None
+        raise UsageError(f"policy {policy_path} cannot be read: {exc.strerror}") from None
     except PolicyError as exc:
         raise UsageError(str(exc)) from None
-    path = admin_socket_path(settings)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from broker.top import run_top
+
+    path = admin_socket_of(args.policy)
+    try:
+        return run_top(path, interval=args.interval, iterations=args.iterations)
+    except OSError as exc:
+        print(f"ringfence: cannot reach the broker at {path}: {exc.strerror or exc}; is "
+              "ringfence-broker running?", file=sys.stderr)
+        return 1
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """status / reload / stop through the broker's admin socket."""
+    from broker.admin import admin_request
+
+    path = admin_socket_of(args.policy)
     try:
         response = admin_request(path, args.command)
     except OSError as exc:
@@ -191,7 +248,8 @@ def format_status(status: dict) -> str:
         for dev in entry["devices"]:
             state = "connected" if dev["connected"] else "waiting for QEMU"
             lines.append(f"  vm {dev['vm']:<16} disk{dev['disk']}  {state:<17} "
-                         f"{dev['requests']:>10} requests")
+                         f"{dev['requests']:>10} requests  p99 {dev['p99_us']} us  "
+                         f"{dev['kicks']} kicks  {dev['interrupts']} interrupts")
     return "\n".join(lines)
 
 
@@ -211,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--allow-unsealed-memory", action="store_true",
                      help="accept guest memory FDs without F_SEAL_SHRINK (a shrinking file "
                      "would kill the backend with SIGBUS)")
+    dev.add_argument("--model", choices=["shared", "per-device"], default="shared",
+                     help="shared: one I/O thread schedules every queue (default); "
+                     "per-device: a thread per queue, for comparison only")
+    dev.add_argument("--qos", action="append", default=[],
+                     metavar="SOCKET=weight=W,priority=P,iops=N,bps=N[KMG],burst=B",
+                     help="share, priority class and limits of the device on SOCKET")
+    dev.add_argument("--latency-target-us", type=int, default=1000, metavar="US",
+                     help="how long a queue may wait while others are served (default 1000)")
     dev.set_defaults(func=cmd_dev)
 
     broker = sub.add_parser("broker", help="the privileged broker daemon (run by systemd)")
@@ -233,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         admin_cmd.add_argument("--policy", default=DEFAULT_POLICY)
         admin_cmd.add_argument("--json", action="store_true", help="machine-readable output")
         admin_cmd.set_defaults(func=cmd_admin)
+
+    top = sub.add_parser("top", help="live per-VM I/O rates and latency, refreshed each second")
+    top.add_argument("--policy", default=DEFAULT_POLICY)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=None,
+                     help="stop after this many refreshes (default: until Ctrl-C)")
+    top.set_defaults(func=cmd_top)
 
     from broker import audit, qemu, systemd
     from broker.policy_cli import add_policy_commands

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backend.blk import BlkDevice
+from backend.dispatch import PerRingThreads, RingRuntime, SharedDispatcher
 from backend.memory import GuestMemory
+from backend.scheduler import Qos, Scheduler
 from backend.session import RingSetup, Session
 from backend.vhost_user import (
     MAX_FDS_PER_MESSAGE,
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
 MAX_PENDING_OUTPUT = 1 << 20
-# Requests served from one queue before the loop looks at other queues and sockets.
-QUEUE_BUDGET = 256
 _ONE = (1).to_bytes(8, "little")
 _PEERCRED = struct.Struct("3i")
 
@@ -101,7 +101,7 @@ def _open_queue(
 
 @dataclass(eq=False)
 class Ring:
-    """A started vring: the queue over guest memory and the eventfds around it."""
+    """A started vring: the queue over guest memory, its eventfds and its dispatch state."""
 
     conn: Connection
     index: int
@@ -110,7 +110,12 @@ class Ring:
     kick: int
     call: int | None
     enabled: bool
-    requests: int = 0
+    runtime: RingRuntime
+
+    def notify(self) -> None:
+        if self.call is not None:
+            signal_eventfd(self.call)
+            self.runtime.stats.interrupts += 1
 
 
 class Connection:
@@ -126,7 +131,6 @@ class Connection:
         self.call_fds: dict[int, int | None] = {}
         self.output = bytearray()
         self.closed = False
-        self.stopped_ring_requests = 0
         self.device_features = endpoint.device.device_features
         self.num_queues = endpoint.device.num_queues
         self.session = Session(self)
@@ -224,9 +228,14 @@ class Connection:
                 queue.release()
             memory.close()
             raise ValueError(f"new memory table does not hold vring {index}: {exc}") from None
+        dispatcher = self.loop.dispatcher
         for index, queue in moved.items():
-            self.rings[index].queue.release()
-            self.rings[index].queue = queue
+            ring = self.rings[index]
+            dispatcher.detach(ring)  # a per-ring thread must let go of the old queue first
+            ring.queue.release()
+            ring.queue = queue
+            if ring.enabled:
+                dispatcher.attach(ring)
         if self.memory is not None:
             self.memory.close()
         self.memory = memory
@@ -235,24 +244,26 @@ class Connection:
         if self.memory is None or setup.addr is None or setup.kick is None:
             raise ValueError("ring has no memory, address or kick FD")
         queue = _open_queue(self.memory, setup.num, setup.addr, setup.base, event_idx)
+        runtime = self.endpoint.runtime(index)
         ring = Ring(self, index, setup.addr, queue, setup.kick, self.call_fds.get(index),
-                    setup.enabled)
-        try:
-            self.loop.register(setup.kick, select.EPOLLIN, lambda ev: self.on_kick(ring, ev))
-        except OSError as exc:
-            queue.release()
-            raise ValueError(f"kick FD cannot be polled: {exc}") from None
+                    setup.enabled, runtime)
+        if self.loop.shared:
+            try:
+                self.loop.register(setup.kick, select.EPOLLIN,
+                                   lambda ev: self.on_kick(ring, ev))
+            except OSError as exc:
+                queue.release()
+                raise ValueError(f"kick FD cannot be polled: {exc}") from None
         self.rings[index] = ring
         log.debug("%s: vring %d started (size %d, base %d)", self.endpoint.name, index,
                   setup.num, setup.base)
         if ring.enabled:
-            self.loop.schedule(ring)
+            self.loop.dispatcher.attach(ring)
 
     def stop_ring(self, index: int) -> int:
         ring = self.rings.pop(index)
-        self.stopped_ring_requests += ring.requests
+        self.loop.dispatcher.detach(ring)
         self.loop.unregister(ring.kick)
-        self.loop.unschedule(ring)
         last_avail = ring.queue.last_avail
         ring.queue.release()
         return last_avail
@@ -262,7 +273,9 @@ class Connection:
         if ring is not None:
             ring.enabled = enabled
             if enabled:
-                self.loop.schedule(ring)
+                self.loop.dispatcher.attach(ring)
+            else:
+                self.loop.dispatcher.detach(ring)
 
     def accept_eventfd(self, fd: int) -> None:
         check_eventfd(fd)
@@ -276,8 +289,6 @@ class Connection:
     def close_fd(self, fd: int) -> None:
         os.close(fd)
 
-    def requests_served(self) -> int:
-        return self.stopped_ring_requests + sum(r.requests for r in self.rings.values())
 
     # --- data path -------------------------------------------------------------------------
 
@@ -288,31 +299,12 @@ class Connection:
             return
         with contextlib.suppress(OSError):
             os.read(ring.kick, 8)
-        self.serve(ring)
-
-    def serve(self, ring: Ring) -> None:
-        """Run one batch of a ring; reschedule it when the budget ran out."""
-        if not ring.enabled or self.closed:
-            return
-        queue = ring.queue
-        try:
-            done = self.endpoint.device.process(queue, QUEUE_BUDGET)
-            notify = queue.publish_used()
-        except RingError as exc:
-            self.fail_ring(ring, str(exc))
-            return
-        except Exception:
-            log.exception("%s: internal error serving vring %d", self.endpoint.name, ring.index)
-            self.close("internal error")
-            return
-        ring.requests += done
-        if notify and ring.call is not None:
-            signal_eventfd(ring.call)
-        if done >= QUEUE_BUDGET:
-            self.loop.schedule(ring)
+        self.loop.dispatcher.kicked(ring)
 
     def fail_ring(self, ring: Ring, reason: str) -> None:
         """The guest broke this ring's structure: stop the device, tell the front-end."""
+        if self.rings.get(ring.index) is not ring:
+            return  # already stopped (a per-ring thread's report can arrive late)
         err = self.session.rings[ring.index].err
         if err is not None:
             signal_eventfd(err)
@@ -347,12 +339,17 @@ class Endpoint:
     device: BlkDevice
     loop: Loop
     require_sealed_memory: bool = True
+    vm: str = ""  # whose QoS applies; several devices of one VM share it (default: name)
+    qos: Qos = field(default_factory=Qos)
     connection: Connection | None = None
     connections_served: int = 0
-    past_requests: int = 0
+    # Per virtqueue index, kept across reconnects so statistics add up over the device's life.
+    runtimes: dict[int, RingRuntime] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.vm = self.vm or self.name
         self.listener.setblocking(False)
+        self.loop.dispatcher.add_vm(self.vm, self.qos)
         self.loop.register(self.listener.fileno(), select.EPOLLIN, self.on_accept)
 
     def on_accept(self, _events: int) -> None:
@@ -374,30 +371,56 @@ class Endpoint:
         self.connection = Connection(self, sock, self.loop)
 
     def connection_closed(self, conn: Connection) -> None:
-        self.past_requests += conn.requests_served()
         if self.connection is conn:
             self.connection = None
 
+    def runtime(self, index: int) -> RingRuntime:
+        """The dispatch state and statistics of virtqueue `index`, new or carried over."""
+        runtime = self.runtimes.get(index)
+        if runtime is None:
+            runtime = self.runtimes[index] = RingRuntime()
+        else:
+            runtime.restart()
+        return runtime
+
     def requests_served(self) -> int:
-        current = self.connection.requests_served() if self.connection is not None else 0
-        return self.past_requests + current
+        return sum(r.stats.requests for r in self.runtimes.values())
+
+    def snapshot(self) -> dict[str, object]:
+        """Counters and latency percentiles per virtqueue, plus time throttled."""
+        return {
+            "queues": {str(i): r.stats.snapshot() for i, r in sorted(self.runtimes.items())},
+            "throttled_ms": self.loop.dispatcher.throttled_ns(self.vm) // 1_000_000,
+        }
 
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close("backend shutting down", level=logging.INFO)
         self.loop.unregister(self.listener.fileno())
         self.listener.close()
+        self.loop.dispatcher.remove_vm(self.vm)
 
 
-@dataclass(eq=False)
 class Loop:
-    """epoll plus a run queue of rings that still have work after their budget."""
+    """epoll plus the dispatcher that decides which ring is served (see backend.dispatch)."""
 
-    epoll: select.epoll = field(default_factory=select.epoll)
-    handlers: dict[int, Handler] = field(default_factory=dict)
-    runnable: dict[Ring, None] = field(default_factory=dict)
-    stopping: bool = False
-    signal_pair: tuple[socket.socket, ...] = ()
+    def __init__(self, model: str = "shared", scheduler: Scheduler | None = None) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Handler] = {}
+        self.stopping = False
+        self.signal_pair: tuple[socket.socket, ...] = ()
+        self.shared = model == "shared"
+        self.dispatcher: SharedDispatcher | PerRingThreads
+        if self.shared:
+            self.dispatcher = SharedDispatcher(scheduler)
+        elif model == "per-device":
+            # Broken rings found by the ring threads are failed here, on the loop's thread.
+            self._broken: list[tuple[Ring, str]] = []
+            self._broken_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.register(self._broken_efd, select.EPOLLIN, self._fail_reported)
+            self.dispatcher = PerRingThreads(self._report_broken)
+        else:
+            raise ValueError(f"unknown model {model!r}: use shared or per-device")
 
     def register(self, fd: int, events: int, handler: Handler) -> None:
         self.epoll.register(fd, events)
@@ -411,14 +434,11 @@ class Loop:
             with contextlib.suppress(OSError):
                 self.epoll.unregister(fd)
 
-    def schedule(self, ring: Ring) -> None:
-        self.runnable[ring] = None
-
-    def unschedule(self, ring: Ring) -> None:
-        self.runnable.pop(ring, None)
-
     def run_once(self, timeout: float = -1) -> None:
-        events = self.epoll.poll(0 if self.runnable else timeout)
+        wait = self.dispatcher.timeout()
+        if timeout >= 0 and (wait < 0 or timeout < wait):
+            wait = timeout
+        events = self.epoll.poll(wait)
         handlers = self.handlers
         for fd, mask in events:
             handler = handlers.get(fd)
@@ -429,11 +449,18 @@ class Loop:
                     # Last line of defence: a bug must not take down every VM's device.
                     log.exception("internal error handling FD %d; dropping it", fd)
                     self.unregister(fd)
-        if self.runnable:
-            batch = list(self.runnable)
-            self.runnable.clear()
-            for ring in batch:
-                ring.conn.serve(ring)
+        self.dispatcher.run()
+
+    def _report_broken(self, ring: Ring, reason: str) -> None:
+        self._broken.append((ring, reason))
+        os.eventfd_write(self._broken_efd, 1)
+
+    def _fail_reported(self, _events: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._broken_efd)
+        while self._broken:
+            ring, reason = self._broken.pop()
+            ring.conn.fail_ring(ring, reason)
 
     def run(self) -> None:
         while not self.stopping:

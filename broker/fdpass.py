@@ -41,23 +41,29 @@ class Kind(enum.IntEnum):
     REMOVE_VM = 2
     STATUS = 3
     STOP = 4
+    SET_QOS = 5
     # backend -> broker
     READY = 65
     STATUS_REPLY = 66
     ERROR = 67
 
 
-TO_BACKEND = frozenset({Kind.ADD_BLK, Kind.REMOVE_VM, Kind.STATUS, Kind.STOP})
+TO_BACKEND = frozenset({Kind.ADD_BLK, Kind.REMOVE_VM, Kind.STATUS, Kind.STOP, Kind.SET_QOS})
 TO_BROKER = frozenset({Kind.READY, Kind.STATUS_REPLY, Kind.ERROR})
 
 # A field's type is str, int (0..MAX_INT, never bool), bool, or [schema]: a list of objects.
-_DEVICE = {"vm": str, "disk": int, "socket": str, "connected": bool, "requests": int}
+_DEVICE = {"vm": str, "disk": int, "socket": str, "connected": bool, "requests": int,
+           "bytes": int, "kicks": int, "interrupts": int, "p50_us": int, "p99_us": int,
+           "p999_us": int, "throttled_ms": int}
 _SCHEMAS: dict[Kind, tuple[dict[str, Any], int]] = {  # kind -> (fields, number of FDs)
     Kind.ADD_BLK: ({"vm": str, "disk": int, "socket": str, "readonly": bool, "num_queues": int,
                     "serial": str}, 2),
     Kind.REMOVE_VM: ({"vm": str}, 0),
     Kind.STATUS: ({}, 0),
     Kind.STOP: ({}, 0),
+    # Limits of 0 mean none; burst in thousandths (JSON here carries no floats).
+    Kind.SET_QOS: ({"vm": str, "weight": int, "priority": str, "iops_limit": int,
+                    "bps_limit": int, "burst_milli": int}, 0),
     Kind.READY: ({"devices": int}, 0),
     Kind.STATUS_REPLY: ({"devices": [_DEVICE]}, 0),
     Kind.ERROR: ({"vm": str, "message": str}, 0),

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker import admin, systemd
@@ -188,6 +188,13 @@ class Backend:
                           frame.fields["vm"], frame.fields["message"])
 
 
+def qos_fields(vm: Vm) -> dict[str, Any]:
+    qos = vm.qos
+    return {"vm": vm.name, "weight": qos.weight, "priority": qos.priority,
+            "iops_limit": qos.iops_limit or 0, "bps_limit": qos.bps_limit or 0,
+            "burst_milli": round(qos.burst * 1000)}
+
+
 def describe_exit(returncode: int) -> str:
     if returncode >= 0:
         return f"exited with status {returncode}"
@@ -269,7 +276,7 @@ class Broker:
         try:
             backend.receive(Kind.READY, READY_TIMEOUT_S)
             for vm in self.policy.vms_in_group(group):
-                self.hand_over(backend, self.grants[vm.name])
+                self.hand_over(backend, vm, self.grants[vm.name])
             served = len(backend_status(backend))
         except (BrokerError, FrameError, OSError) as exc:
             log.error("group %s: backend pid %d failed to start: %s", group, process.pid, exc)
@@ -277,10 +284,12 @@ class Broker:
         log.info("group %s: backend pid %d confined and serving %d devices", group,
                  process.pid, served)
 
-    def hand_over(self, backend: Backend, grants: list[DiskGrant]) -> None:
+    def hand_over(self, backend: Backend, vm: Vm, grants: list[DiskGrant]) -> None:
         for grant in grants:
             fields, fds = grant.frame()
             backend.request(Kind.ADD_BLK, fields, fds)
+        if grants:
+            backend.request(Kind.SET_QOS, qos_fields(vm))
 
     def stop_backend(self, group: str) -> None:
         backend = self.backends.pop(group)
@@ -325,8 +334,11 @@ class Broker:
             log.error("reload refused: %s", message)
             return {"ok": False, "error": message}
         old = self.policy
-        removed = [n for n in old.vms if old.vms[n] != new.vms.get(n)]
-        added = [n for n in new.vms if new.vms[n] != old.vms.get(n)]
+        # A VM whose QoS alone changed is retuned in place: no disconnect, no reopen.
+        retuned = [n for n in new.vms if n in old.vms and old.vms[n] != new.vms[n]
+                   and replace(old.vms[n], qos=new.vms[n].qos) == new.vms[n]]
+        removed = [n for n in old.vms if old.vms[n] != new.vms.get(n) and n not in retuned]
+        added = [n for n in new.vms if new.vms[n] != old.vms.get(n) and n not in retuned]
         for name in removed:
             backend = self.backends.get(old.vms[name].group)
             if backend is not None:
@@ -346,12 +358,18 @@ class Broker:
                 continue
             backend = self.backends.get(new.vms[name].group)
             if backend is not None:
-                self.hand_over(backend, self.grants[name])
+                self.hand_over(backend, new.vms[name], self.grants[name])
+        for name in retuned:
+            backend = self.backends.get(new.vms[name].group)
+            if backend is not None and self.grants.get(name):
+                backend.request(Kind.SET_QOS, qos_fields(new.vms[name]))
         for group in set(new.groups) - set(old.groups):
             self.spawn(group)
-        log.info("reload: removed %s, added %s", sorted(set(removed) - set(added)) or "none",
-                 sorted(added) or "none")
-        return {"ok": not errors, "removed": removed, "added": added, "errors": errors}
+        log.info("reload: removed %s, added %s, QoS changed for %s",
+                 sorted(set(removed) - set(added)) or "none", sorted(added) or "none",
+                 sorted(retuned) or "none")
+        return {"ok": not errors, "removed": removed, "added": added, "retuned": retuned,
+                "errors": errors}
 
     # --- admin -------------------------------------------------------------------------------
 

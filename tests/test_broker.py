@@ -5,11 +5,13 @@ QEMU's part is played by the test front-end, run as the VM's user in a forked ch
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,36 @@ def test_broker_refuses_to_start_on_a_bad_signature(deployment: Deployment,
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "signature" in errors[0], result.stderr
     assert not (deployment.run_dir / "admin.sock").exists()
+
+
+def timed_reads(sock: str, count: int) -> float:
+    with BlkFrontend.open(sock) as dev:
+        started = time.monotonic()
+        for i in range(count):
+            assert dev.read(i * 8, BLOCK)[0] == 0
+        return time.monotonic() - started
+
+
+def test_qos_change_is_applied_in_place_and_limits_the_vm(deployment: Deployment) -> None:
+    deployment.start_broker()
+    sock = deployment.socket("vm1")
+    backend = deployment.backend_pid()
+    fast = as_user("rf-vm1", lambda: timed_reads(sock, 100))
+    deployment.write_policy({"vm1": VM1 + "\nqos = { iops_limit = 100 }"})
+    result = ringfence("reload", "--policy", str(deployment.policy), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["retuned"] == ["vm1"]
+    assert deployment.backend_pid() == backend
+    deployment.wait_for_log("vm vm1: QoS")
+    # 100 requests at 100 IOPS take about a second; unlimited they took a fraction of it.
+    limited = as_user("rf-vm1", lambda: timed_reads(sock, 100))
+    assert limited > 0.8 and limited > 4 * fast, (fast, limited)
+    (device,) = deployment.status()["groups"]["tenant-a"]["devices"]
+    assert device["requests"] >= 200 and device["throttled_ms"] > 0
+    assert device["p99_us"] > 0
+
+    top = ringfence("top", "--policy", str(deployment.policy), "--iterations", "2",
+                    "--interval", "0.2")
+    assert top.returncode == 0, top.stderr
+    rows = [line for line in top.stdout.splitlines() if line.startswith("vm1 ")]
+    assert len(rows) == 2 and "tenant-a" in rows[0]

@@ -33,12 +33,15 @@ from broker.fdpass import (
 ADD_BLK = {"vm": "web1", "disk": 0, "socket": "/run/rf/vms/web1/disk0.sock", "readonly": False,
            "num_queues": 2, "serial": "web1.raw"}
 DEVICE = {"vm": "web1", "disk": 0, "socket": "/run/rf/vms/web1/disk0.sock", "connected": True,
-          "requests": 12345}
+          "requests": 12345, "bytes": 50565120, "kicks": 99, "interrupts": 120, "p50_us": 80,
+          "p99_us": 310, "p999_us": 900, "throttled_ms": 0}
 SAMPLES: dict[Kind, dict[str, Any]] = {
     Kind.ADD_BLK: ADD_BLK,
     Kind.REMOVE_VM: {"vm": "web1"},
     Kind.STATUS: {},
     Kind.STOP: {},
+    Kind.SET_QOS: {"vm": "web1", "weight": 2, "priority": "high", "iops_limit": 2000,
+                   "bps_limit": 0, "burst_milli": 1500},
     Kind.READY: {"devices": 3},
     Kind.STATUS_REPLY: {"devices": [DEVICE, {**DEVICE, "disk": 1, "connected": False}]},
     Kind.ERROR: {"vm": "web1", "message": "disk0: guest ring is broken"},
