@@ -352,6 +352,13 @@ class RunningGuest:
         self._workdir.cleanup()
 
 
+def raw_image(path: Path, mib: int) -> Path:
+    """A sparse raw image of `mib` MiB for a test disk."""
+    with open(path, "wb") as f:
+        f.truncate(mib * MIB)
+    return path
+
+
 def write_initrd(script: str, dest: Path) -> Path:
     """Write an initramfs that runs `script` as /test.sh to `dest` (for policies naming it)."""
     script_archive = _Cpio()

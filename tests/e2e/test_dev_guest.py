@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from tests.devproc import DevBackend
-from tests.e2e.guest import MIB, blk_check_problems, blk_check_script, boot_guest, start_guest
-
-
-def raw_image(path: Path, mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(mib * MIB)
-    return path
+from tests.e2e.guest import (
+    MIB,
+    blk_check_problems,
+    blk_check_script,
+    boot_guest,
+    raw_image,
+    start_guest,
+)
 
 
 @pytest.mark.e2e

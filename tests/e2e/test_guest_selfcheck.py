@@ -16,19 +16,14 @@ from tests.e2e.guest import (
     blk_check_script,
     boot_guest,
     pattern_bytes,
+    raw_image,
     start_guest,
 )
 
 
-def _raw_image(path: Path, mib: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(mib * MIB)
-    return path
-
-
 @pytest.mark.e2e
 def test_builtin_virtio_disks_round_trip_the_check_pattern(tmp_path: Path) -> None:
-    images = {device: _raw_image(tmp_path / f"{device}.raw", 64) for device in ("vda", "vdb")}
+    images = {device: raw_image(tmp_path / f"{device}.raw", 64) for device in ("vda", "vdb")}
 
     result = boot_guest(script=blk_check_script(list(images)), drives=list(images.values()))
 
@@ -57,7 +52,7 @@ def test_hung_guest_is_killed_at_the_timeout() -> None:
 
 
 def test_check_reports_bytes_missing_from_the_image(tmp_path: Path) -> None:
-    image = _raw_image(tmp_path / "vda.raw", 8)
+    image = raw_image(tmp_path / "vda.raw", 8)
     with open(image, "r+b") as f:
         f.write(pattern_bytes("vda", 0, 4))
     # The guest saw what it expected, but only the first region reached the image.
