@@ -16,7 +16,6 @@ total page-cached data and no back-end has to share one image between devices.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
@@ -81,18 +80,11 @@ def qsd_command(aio: str) -> Command:
     return build
 
 
-def ringfence_command() -> Command | None:
-    """`ringfence dev` via the console script, else `python -m backend.cli`; None if
-    neither exists yet (the back-end is still being written)."""
-    if script := shutil.which("ringfence"):
-        prefix = [script]
-    elif importlib.util.find_spec("backend.cli") is not None:
-        prefix = [sys.executable, "-m", "backend.cli"]
-    else:
-        return None
+def ringfence_command(extra: Sequence[str] = ()) -> Command:
+    """`ringfence dev` from this checkout (run with cwd=REPO), whatever is installed."""
 
     def build(devices: Sequence[tuple[str, str]]) -> list[str]:
-        args = [*prefix, "dev"]
+        args = [sys.executable, "-m", "backend", "dev", *extra]
         for sock, image in devices:
             args += ["--blk", f"{sock}={image}"]
         return args
@@ -326,13 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ap.error("qemu-storage-daemon not found (apt-get install qemu-utils)")
             commands[name] = qsd_command(args.qsd_aio)
         elif name == "ringfence":
-            cmd = ringfence_command()
-            if cmd is None:
-                print(
-                    "ringfence: no `ringfence` script or backend.cli yet; skipping", file=sys.stderr
-                )
-            else:
-                commands[name] = cmd
+            commands[name] = ringfence_command()
         else:
             ap.error(f"unknown system {name!r}")
     cases = [c for c in CASES if not args.only or c.name in args.only]
