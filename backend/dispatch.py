@@ -33,6 +33,9 @@ MIN_POLL_NS = 20_000
 MAX_POLL_NS = 2_000_000
 # Requests served per loop iteration before the loop looks at its sockets again.
 LOOP_BUDGET = 1024
+# Requests per batch: between batches the other busy rings are looked at, so that work
+# arriving elsewhere during a long turn is seen by the scheduler and can end that turn.
+BATCH = 16
 
 Clock = Callable[[], int]
 
@@ -221,6 +224,8 @@ class SharedDispatcher:
                 budget = sched.turn_budget(ring, now)
                 if budget <= 0:
                     break
+                if budget > BATCH:
+                    budget = BATCH
                 moved = device.moved
                 try:
                     done = device.serve_batch(queue, budget)
@@ -242,7 +247,10 @@ class SharedDispatcher:
                     runtime.noticed(pending, now)
                 sched.set_pending(ring, pending, now)
                 served += done
-                if sched.should_change_queue(ring, now):
+                for other in list(self.polling):
+                    if other is not ring:
+                        self._look(other, now)
+                if ring not in self.rings or sched.should_change_queue(ring, now):
                     break
 
 

@@ -189,8 +189,8 @@ def _make_buckets(qos: Qos) -> tuple[_Bucket, ...]:
 
 
 class _Vm:
-    __slots__ = ("backlog", "buckets", "inv_weight", "qos", "queues", "rank", "throttle_acc",
-                 "until", "vtime")
+    __slots__ = ("backlog", "buckets", "inv_weight", "qos", "quantum", "queues", "rank",
+                 "throttle_acc", "until", "vtime")
 
     def __init__(self, qos: Qos, vtime: int) -> None:
         self.qos = qos
@@ -198,6 +198,7 @@ class _Vm:
         self.inv_weight = _VT_SCALE // qos.weight
         self.vtime = vtime
         self.buckets = _make_buckets(qos)
+        self.quantum = 1  # set by Scheduler._rescale_quanta
         self.until = 0  # throttled while now < until
         self.backlog = 0  # how many of its queues have pending requests
         # Throttled time while backlogged, including the projected rest of the current episode
@@ -336,6 +337,18 @@ class Scheduler:
         if vm in self._vms:
             raise ValueError(f"VM {vm!r} is already scheduled")
         self._vms[vm] = _Vm(qos, self._vclock[_RANK[qos.priority]])
+        self._rescale_quanta()
+
+    def _rescale_quanta(self) -> None:
+        """A VM's fair quantum is min_turn_requests scaled by its weight over the largest.
+
+        Fair queuing only works on VMs that stay backlogged: a light VM allowed to drain its
+        whole queue each turn looks idle to the scheduler, loses its place, and the VMs end
+        up taking turns 1:1. Shorter turns for lighter VMs keep them backlogged.
+        """
+        heaviest = max((v.qos.weight for v in self._vms.values()), default=1)
+        for v in self._vms.values():
+            v.quantum = max(1, self._min_turn * v.qos.weight // heaviest)
 
     def set_qos(self, vm: VmKey, qos: Qos, now: int) -> None:
         """Apply new QoS live. The VM keeps its place relative to its class's virtual clock
@@ -356,6 +369,7 @@ class Scheduler:
                 bucket.level = min(previous.level, bucket.depth)
                 bucket.stamp = max(previous.stamp, now)
         v.qos = qos
+        self._rescale_quanta()
         self._set_until(v, self._ready_at(v), now)
         self._dirty = True
         self._prepared = None
@@ -366,6 +380,7 @@ class Scheduler:
         for q in list(v.queues):
             self.remove_queue(q.key, now)
         del self._vms[vm]
+        self._rescale_quanta()
 
     def add_queue(self, key: QueueKey, vm: VmKey) -> None:
         if key in self._queues:
@@ -548,7 +563,7 @@ class Scheduler:
             if self._dirty or now >= self._recheck:
                 self._rescan(q, now)
             if self._contended or self._urgent:
-                limit = self._min_turn
+                limit = vm.quantum
             limit -= self._turn_served
             if limit <= 0:
                 return 0
@@ -573,7 +588,7 @@ class Scheduler:
             self._rescan(q, now)
         if self._urgent or vm.vtime >= self._yield_vtime:
             return True
-        return self._contended and self._turn_served >= self._min_turn
+        return self._contended and self._turn_served >= vm.quantum
 
     def _rescan(self, current: _Queue, now: int) -> None:
         """Look at every other queue once: does one outrank the current turn, do some of its
