@@ -1,7 +1,8 @@
 """The confined backend's side of the broker channel: devices arrive as FDs, never as paths.
 
-The broker sends ADD_BLK with a listening vhost-user socket and an open image; the backend
-wraps them in an `Endpoint` on its one event loop. It cannot open anything itself, so every
+The broker sends ADD_BLK with a listening vhost-user socket and an open image, and ADD_NET with
+a listening socket and an open tap; the backend wraps them in an `Endpoint` on its one event
+loop. It cannot open anything itself, so every
 device it serves is one the broker granted. Channel EOF means the broker is gone: shut down.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.blk import BlkDevice
+from backend.net import NetDevice
 from backend.scheduler import Qos
 from backend.server import Endpoint, Loop
 from backend.stats import combined
@@ -33,6 +35,8 @@ class BrokerChannel:
         self.group = group
         # (vm, disk) -> (endpoint, image fd)
         self.devices: dict[tuple[str, int], tuple[Endpoint, int]] = {}
+        # (vm, nic) -> (endpoint, tap fd)
+        self.nics: dict[tuple[str, int], tuple[Endpoint, int]] = {}
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_readable)
 
@@ -58,6 +62,7 @@ class BrokerChannel:
         frame, fds = received
         handler = {
             Kind.ADD_BLK: self._add_blk,
+            Kind.ADD_NET: self._add_net,
             Kind.REMOVE_VM: self._remove_vm,
             Kind.STATUS: self._status,
             Kind.STOP: self._stop,
@@ -91,12 +96,39 @@ class BrokerChannel:
         log.info("%s: serving (%d sectors, %s)", name, device.capacity,
                  "read-only" if device.readonly else "read-write")
 
+    def _add_net(self, fields: dict[str, Any], fds: list[int]) -> None:
+        listener_fd, tap_fd = fds
+        key = (fields["vm"], fields["nic"])
+        name = f"vm {fields['vm']} nic{fields['nic']} ({fields['socket']})"
+        listener = None
+        try:
+            if key in self.nics:
+                raise ValueError("this NIC is already being served")
+            if fields["queues"] != 1:
+                raise ValueError(f"{fields['queues']} queue pairs asked; 1 is supported")
+            mac = bytes.fromhex(fields["mac"].replace(":", ""))
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=listener_fd)
+            device = NetDevice(tap_fd, mac=mac, mtu=fields["mtu"], name=name)
+            endpoint = Endpoint(name, listener, device, self.loop, vm=fields["vm"])
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot serve: %s", name, exc)
+            if listener is not None:
+                listener.close()
+            else:
+                os.close(listener_fd)
+            os.close(tap_fd)
+            send_frame(self.sock, Kind.ERROR, {"vm": fields["vm"], "message": str(exc)})
+            return
+        self.nics[key] = (endpoint, tap_fd)
+        log.info("%s: serving tap %s (mtu %d)", name, fields["tap"], fields["mtu"])
+
     def _remove_vm(self, fields: dict[str, Any], _fds: list[int]) -> None:
-        for key in [k for k in self.devices if k[0] == fields["vm"]]:
-            endpoint, image_fd = self.devices.pop(key)
-            endpoint.close()
-            os.close(image_fd)
-            log.info("%s: removed", endpoint.name)
+        for table in (self.devices, self.nics):
+            for key in [k for k in table if k[0] == fields["vm"]]:
+                endpoint, fd = table.pop(key)
+                endpoint.close()
+                os.close(fd)
+                log.info("%s: removed", endpoint.name)
 
     def _set_qos(self, fields: dict[str, Any], _fds: list[int]) -> None:
         vm = fields["vm"]
@@ -108,7 +140,7 @@ class BrokerChannel:
         except ValueError as exc:
             send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": f"QoS refused: {exc}"})
             return
-        if not any(v == vm for v, _disk in self.devices):
+        if not any(v == vm for v, _index in [*self.devices, *self.nics]):
             send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": "QoS for a VM not served"})
             return
         self.loop.dispatcher.set_qos(vm, qos)
@@ -136,7 +168,7 @@ class BrokerChannel:
         self.loop.stopping = True
 
     def close(self) -> None:
-        for vm in {vm for vm, _disk in self.devices}:
+        for vm in {vm for vm, _index in [*self.devices, *self.nics]}:
             self._remove_vm({"vm": vm}, [])
         self.loop.unregister(self.sock.fileno())
         self.sock.close()

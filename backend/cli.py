@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.blk import BlkDevice
+from backend.net import NetDevice
 from backend.scheduler import Qos, Scheduler
 from backend.server import Endpoint, Loop
 
@@ -52,6 +53,45 @@ def parse_blk_exports(specs: Sequence[str], readonly: Sequence[str]) -> list[Blk
             raise UsageError(f"--readonly {path} names no --blk socket")
     ro = {os.path.abspath(p) for p in readonly}
     return [BlkExport(e.socket_path, e.image_path, e.socket_path in ro) for e in exports]
+
+
+@dataclass(frozen=True)
+class NetExport:
+    socket_path: str
+    tap: str
+    mac: bytes
+    mtu: int
+
+
+DEFAULT_DEV_MAC = "52:54:00:12:34:56"
+
+
+def parse_net_exports(specs: Sequence[str]) -> list[NetExport]:
+    """`SOCKET=TAP[,mac=52:54:00:12:34:56][,mtu=1500]` -> NetExport."""
+    from broker.taps import TapError, check_tap_name, parse_mac
+
+    exports = []
+    for spec in specs:
+        sock_path, sep, rest = spec.partition("=")
+        tap, *options = rest.split(",")
+        if not sep or not sock_path or not tap:
+            raise UsageError(f"--net {spec!r} must be SOCKET=TAP[,mac=MAC][,mtu=N]")
+        settings = {"mac": DEFAULT_DEV_MAC, "mtu": "1500"}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in settings:
+                raise UsageError(f"--net {spec!r}: unknown setting {key!r}; use mac or mtu")
+            settings[key] = value
+        try:
+            check_tap_name(tap)
+            mac = parse_mac(settings["mac"])
+            mtu = int(settings["mtu"])
+        except (TapError, ValueError) as exc:
+            raise UsageError(f"--net {spec!r}: {exc}") from None
+        if not 68 <= mtu <= 65500:
+            raise UsageError(f"--net {spec!r}: mtu {mtu} must be from 68 to 65500")
+        exports.append(NetExport(os.path.abspath(sock_path), tap, mac, mtu))
+    return exports
 
 
 def open_image(export: BlkExport) -> int:
@@ -140,22 +180,31 @@ def parse_qos(spec: str) -> tuple[str, Qos]:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     exports = parse_blk_exports(args.blk, args.readonly)
+    nets = parse_net_exports(args.net)
+    if not exports and not nets:
+        raise UsageError("give at least one --blk SOCKET=IMAGE or --net SOCKET=TAP")
+    paths = [e.socket_path for e in exports] + [n.socket_path for n in nets]
+    if len(set(paths)) != len(paths):
+        raise UsageError("a socket is given twice; give each device its own")
     if args.num_queues < 1 or args.num_queues > 64:
         raise UsageError(f"--num-queues {args.num_queues} must be between 1 and 64")
     qos = dict(parse_qos(spec) for spec in args.qos)
     for path in qos:
-        if path not in {e.socket_path for e in exports}:
-            raise UsageError(f"--qos {path} names no --blk socket")
+        if path not in paths:
+            raise UsageError(f"--qos {path} names no --blk or --net socket")
     loop = Loop(args.model, Scheduler(latency_target_ns=args.latency_target_us * 1000))
     endpoints: list[Endpoint] = []
     image_fds: list[int] = []
+    tap_fds: list[int] = []
     sockets: list[socket.socket] = []
     try:
         for export in exports:
             image_fds.append(open_image(export))
-        for export in exports:
-            sockets.append(listen_unix(export.socket_path))
-        for export, fd, sock in zip(exports, image_fds, sockets, strict=True):
+        for net in nets:
+            tap_fds.append(open_dev_tap(net))
+        for path in paths:
+            sockets.append(listen_unix(path))
+        for export, fd, sock in zip(exports, image_fds, sockets[: len(exports)], strict=True):
             device = BlkDevice(fd, readonly=export.readonly, num_queues=args.num_queues,
                                serial=os.path.basename(export.image_path))
             endpoints.append(Endpoint(export.socket_path, sock, device, loop,
@@ -164,6 +213,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
             log.info("serving %s on %s (%d sectors, %s, %d queues)", export.image_path,
                      export.socket_path, device.capacity, "read-only" if export.readonly
                      else "read-write", args.num_queues)
+        for net, fd, sock in zip(nets, tap_fds, sockets[len(exports):], strict=True):
+            try:
+                net_device = NetDevice(fd, mac=net.mac, mtu=net.mtu, name=net.socket_path)
+            except ValueError as exc:
+                raise UsageError(f"tap {net.tap}: {exc}") from None
+            endpoints.append(Endpoint(net.socket_path, sock, net_device, loop,
+                                      require_sealed_memory=not args.allow_unsealed_memory,
+                                      qos=qos.get(net.socket_path, Qos())))
+            log.info("serving tap %s on %s (mtu %d)", net.tap, net.socket_path, net.mtu)
         loop.stop_on_signals()
         loop.run()
     finally:
@@ -171,12 +229,24 @@ def cmd_dev(args: argparse.Namespace) -> int:
             endpoint.close()
         for sock in sockets[len(endpoints):]:
             sock.close()
-        for export in exports[: len(sockets)]:
+        for path in paths[: len(sockets)]:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(export.socket_path)
-        for fd in image_fds:
+                os.unlink(path)
+        for fd in image_fds + tap_fds:
             os.close(fd)
     return 0
+
+
+def open_dev_tap(net: NetExport) -> int:
+    """Attach to tap `net.tap` in this network namespace, creating it (for as long as this
+    process holds it) if there is none. Needs CAP_NET_ADMIN."""
+    from broker.taps import open_tun
+
+    try:
+        return open_tun(net.tap)
+    except OSError as exc:
+        raise UsageError(f"tap {net.tap} cannot be opened: {exc.strerror}; run as root, and "
+                         "name a tap with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR or a new one") from None
 
 
 BACKEND_POLICY = Path(__file__).resolve().parent.parent / "policies" / "backend.policy"
@@ -258,10 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
-    dev = sub.add_parser("dev", help="serve vhost-user-blk devices directly (no broker, "
-                         "no confinement)")
-    dev.add_argument("--blk", action="append", required=True, metavar="SOCKET=IMAGE",
+    dev = sub.add_parser("dev", help="serve vhost-user-blk and -net devices directly (no "
+                         "broker, no confinement)")
+    dev.add_argument("--blk", action="append", default=[], metavar="SOCKET=IMAGE",
                      help="export IMAGE as a vhost-user-blk device on SOCKET (repeatable)")
+    dev.add_argument("--net", action="append", default=[], metavar="SOCKET=TAP[,mac=M,mtu=N]",
+                     help="serve tap TAP (created if absent) as a vhost-user-net device on "
+                     "SOCKET (repeatable; needs root)")
     dev.add_argument("--readonly", action="append", default=[], metavar="SOCKET",
                      help="make the device on SOCKET read-only (repeatable)")
     dev.add_argument("--num-queues", type=int, default=1, metavar="N",

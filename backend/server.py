@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from backend.blk import BlkDevice
 from backend.dispatch import PerRingThreads, RingRuntime, SharedDispatcher
 from backend.memory import GuestMemory
+from backend.net import NetDevice
 from backend.scheduler import Qos, Scheduler
 from backend.session import RingSetup, Session
 from backend.vhost_user import (
@@ -133,6 +134,10 @@ class Connection:
         self.closed = False
         self.device_features = endpoint.device.device_features
         self.num_queues = endpoint.device.num_queues
+        # Device-specific answers to GET_QUEUE_NUM / GET_PROTOCOL_FEATURES, where they differ.
+        for name in ("vhost_queue_num", "offered_protocol_features"):
+            if hasattr(endpoint.device, name):
+                setattr(self, name, getattr(endpoint.device, name))
         self.session = Session(self)
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_socket)
@@ -207,7 +212,19 @@ class Connection:
         return self.endpoint.device.config().ljust(offset + size, b"\0")[offset : offset + size]
 
     def write_config(self, offset: int, data: bytes) -> None:
-        raise ValueError("the virtio-blk config space is read-only")
+        raise ValueError("the device's config space is read-only")
+
+    def set_features(self, features: int) -> None:
+        hook = getattr(self.endpoint.device, "set_features", None)
+        if hook is not None:
+            hook(features)
+
+    def _open_queue(self, index: int, memory: GuestMemory, num: int, addr: VringAddr,
+                    base: int, event_idx: bool) -> SplitQueue:
+        hook = getattr(self.endpoint.device, "open_queue", None)
+        if hook is None:
+            return _open_queue(memory, num, addr, base, event_idx)
+        return hook(index, memory, num, addr, base, event_idx)
 
     def set_memory(self, regions: tuple[MemRegion, ...], fds: tuple[int, ...]) -> None:
         try:
@@ -221,8 +238,8 @@ class Connection:
         try:
             for index, ring in self.rings.items():
                 queue = ring.queue
-                moved[index] = _open_queue(memory, queue.size, ring.addr, queue.last_avail,
-                                           queue.event_idx)
+                moved[index] = self._open_queue(index, memory, queue.size, ring.addr,
+                                                queue.last_avail, queue.event_idx)
         except RingError as exc:
             for queue in moved.values():
                 queue.release()
@@ -243,7 +260,8 @@ class Connection:
     def start_ring(self, index: int, setup: RingSetup, event_idx: bool) -> None:
         if self.memory is None or setup.addr is None or setup.kick is None:
             raise ValueError("ring has no memory, address or kick FD")
-        queue = _open_queue(self.memory, setup.num, setup.addr, setup.base, event_idx)
+        queue = self._open_queue(index, self.memory, setup.num, setup.addr, setup.base,
+                                 event_idx)
         runtime = self.endpoint.runtime(index)
         ring = Ring(self, index, setup.addr, queue, setup.kick, self.call_fds.get(index),
                     setup.enabled, runtime)
@@ -254,6 +272,14 @@ class Connection:
             except OSError as exc:
                 queue.release()
                 raise ValueError(f"kick FD cannot be polled: {exc}") from None
+        started = getattr(self.endpoint.device, "ring_started", None)
+        if started is not None:
+            try:
+                started(ring)  # e.g. virtio-net polls its tap while the RX ring runs
+            except ValueError:
+                self.loop.unregister(setup.kick)
+                queue.release()
+                raise
         self.rings[index] = ring
         log.debug("%s: vring %d started (size %d, base %d)", self.endpoint.name, index,
                   setup.num, setup.base)
@@ -263,6 +289,9 @@ class Connection:
     def stop_ring(self, index: int) -> int:
         ring = self.rings.pop(index)
         self.loop.dispatcher.detach(ring)
+        stopped = getattr(self.endpoint.device, "ring_stopped", None)
+        if stopped is not None:
+            stopped(ring)
         self.loop.unregister(ring.kick)
         last_avail = ring.queue.last_avail
         ring.queue.release()
@@ -336,7 +365,7 @@ class Endpoint:
 
     name: str
     listener: socket.socket
-    device: BlkDevice
+    device: BlkDevice | NetDevice
     loop: Loop
     require_sealed_memory: bool = True
     vm: str = ""  # whose QoS applies; several devices of one VM share it (default: name)

@@ -67,6 +67,10 @@ class SessionHost(Protocol):
 
     def read_config(self, offset: int, size: int) -> bytes: ...
 
+    def set_features(self, features: int) -> None:
+        """The features the front-end acked, before any ring runs; ValueError refuses them."""
+
+
     def write_config(self, offset: int, data: bytes) -> None: ...
 
     def set_memory(self, regions: tuple[MemRegion, ...], fds: tuple[int, ...]) -> None:
@@ -95,6 +99,7 @@ class Session:
     host: SessionHost
     features: int = 0
     protocol_features: int = 0
+    protocol_features_set: bool = False  # SET_PROTOCOL_FEATURES has been received
     owner: bool = False
     memory_set: bool = False
     rings: list[RingSetup] = field(default_factory=list)
@@ -156,23 +161,35 @@ class Session:
             raise ProtocolError(f"features {features & ~self.offered_features:#x} not offered")
         if any(r.started for r in self.rings) and features != self.features:
             raise ProtocolError("features changed while a ring is running")
+        try:
+            self.host.set_features(features)
+        except ValueError as exc:
+            raise ProtocolError(f"features {features:#x} refused: {exc}") from None
         self.features = features
         return b""
 
+    @property
+    def offered_protocol_features(self) -> int:
+        # virtio-net's config space is QEMU's (it warns about a back-end offering CONFIG).
+        return int(getattr(self.host, "offered_protocol_features", OFFERED_PROTOCOL_FEATURES))
+
     def _get_protocol_features(self, msg: Message, keep: set[int]) -> bytes:
         _no_payload(msg)
-        return encode_u64_reply(msg.request, int(OFFERED_PROTOCOL_FEATURES))
+        return encode_u64_reply(msg.request, self.offered_protocol_features)
 
     def _set_protocol_features(self, msg: Message, keep: set[int]) -> bytes:
         features = parse_u64(msg.payload)
-        if features & ~int(OFFERED_PROTOCOL_FEATURES):
+        if features & ~self.offered_protocol_features:
             raise ProtocolError(f"protocol features {features:#x} not offered")
         self.protocol_features = features
+        self.protocol_features_set = True
         return b""
 
     def _get_queue_num(self, msg: Message, keep: set[int]) -> bytes:
         _no_payload(msg)
-        return encode_u64_reply(msg.request, self.host.num_queues)
+        # virtio-net counts queue pairs here (QEMU compares it with -netdev queues=N).
+        return encode_u64_reply(msg.request, getattr(self.host, "vhost_queue_num",
+                                                     self.host.num_queues))
 
     def _set_owner(self, msg: Message, keep: set[int]) -> bytes:
         _no_payload(msg)
@@ -184,6 +201,7 @@ class Session:
         self.close()
         self.features = 0
         self.protocol_features = 0
+        self.protocol_features_set = False
         self.owner = False
         self.memory_set = False
         return b""
@@ -285,7 +303,9 @@ class Session:
 
     def _set_vring_enable(self, msg: Message, keep: set[int]) -> bytes:
         state = parse_vring_state(msg.payload)
-        if not self.protocol_features_negotiated:
+        # QEMU's vhost-user-net disables its rings right after GET_FEATURES and protocol
+        # negotiation, before SET_FEATURES acks VHOST_USER_F_PROTOCOL_FEATURES.
+        if not (self.protocol_features_negotiated or self.protocol_features_set):
             raise ProtocolError("SET_VRING_ENABLE without protocol features")
         if state.num not in (0, 1):
             raise ProtocolError(f"vring {state.index} enable value {state.num} is not 0 or 1")

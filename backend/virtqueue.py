@@ -121,6 +121,10 @@ class SplitQueue:
             raise RingError(f"avail ring names head {head} of a {self.size}-entry queue")
         return head
 
+    def unget(self, count: int) -> None:
+        """Give back the last `count` heads taken and not used: they are taken again next."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
     def chain(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
         """Walk and validate the chain at `head`: (device-readable, device-writable) buffers."""
         readable: list[memoryview] = []

@@ -103,6 +103,8 @@ def _qemu_violations(facts: ProcessFacts, expect: Expectations) -> list[str]:
         path = _path(fd.target)
         if path is not None and _under(path, expect.image_roots):
             found.append(f"holds fd {fd.fd} to the image {path}")
+        elif path == TUN:
+            found.append(f"holds fd {fd.fd} to a tap ({TUN})")
     others = [name for name in facts.interfaces if name != "lo"]
     if others:
         found.append(f"sees network interfaces besides lo: {', '.join(others)}")
@@ -116,9 +118,14 @@ def _path(target: str) -> str | None:
     return target.removesuffix(" (deleted)")
 
 
+TUN = "/dev/net/tun"
+
+
 def _is_backend_grant(path: str, expect: Expectations) -> bool:
-    # memfds (guest RAM) show as "/memfd:<name>"; /dev/null is what confine() leaves on 0 and 1.
-    return path.startswith("/memfd:") or path == "/dev/null" or _under(path, expect.image_roots)
+    # memfds (guest RAM) show as "/memfd:<name>"; /dev/null is what confine() leaves on 0 and 1;
+    # /dev/net/tun is a tap the broker created and handed over (the backend cannot open one).
+    return (path.startswith("/memfd:") or path in ("/dev/null", TUN)
+            or _under(path, expect.image_roots))
 
 
 def _under(path: str, roots: Iterable[str]) -> bool:

@@ -42,13 +42,15 @@ class Kind(enum.IntEnum):
     STATUS = 3
     STOP = 4
     SET_QOS = 5
+    ADD_NET = 6  # FDs: [listening vhost-user socket, tap]
     # backend -> broker
     READY = 65
     STATUS_REPLY = 66
     ERROR = 67
 
 
-TO_BACKEND = frozenset({Kind.ADD_BLK, Kind.REMOVE_VM, Kind.STATUS, Kind.STOP, Kind.SET_QOS})
+TO_BACKEND = frozenset({Kind.ADD_BLK, Kind.REMOVE_VM, Kind.STATUS, Kind.STOP, Kind.SET_QOS,
+                        Kind.ADD_NET})
 TO_BROKER = frozenset({Kind.READY, Kind.STATUS_REPLY, Kind.ERROR})
 
 # A field's type is str, int (0..MAX_INT, never bool), bool, or [schema]: a list of objects.
@@ -58,6 +60,9 @@ _DEVICE = {"vm": str, "disk": int, "socket": str, "connected": bool, "requests":
 _SCHEMAS: dict[Kind, tuple[dict[str, Any], int]] = {  # kind -> (fields, number of FDs)
     Kind.ADD_BLK: ({"vm": str, "disk": int, "socket": str, "readonly": bool, "num_queues": int,
                     "serial": str}, 2),
+    # mac: "52:54:00:12:34:56"; tap: the interface's name, for log lines only.
+    Kind.ADD_NET: ({"vm": str, "nic": int, "socket": str, "tap": str, "mac": str, "mtu": int,
+                    "queues": int}, 2),
     Kind.REMOVE_VM: ({"vm": str}, 0),
     Kind.STATUS: ({}, 0),
     Kind.STOP: ({}, 0),

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # VM and group names
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # user and group names (Debian's default)
+TAP_RE = re.compile(r"[a-z0-9_-]{1,15}")  # IFNAMSIZ - 1
+BRIDGE_RE = re.compile(r"[a-zA-Z0-9_.-]{1,15}")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+MIN_MTU = 68
+MAX_MTU = 65500
 SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
 BURST_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)x")
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -77,6 +82,15 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Nic:
+    tap: str  # the host-side interface the broker creates
+    bridge: str  # an existing bridge the tap joins
+    mac: str  # the guest's address, lower case
+    mtu: int
+    queues: int
+
+
+@dataclass(frozen=True)
 class Qos:
     weight: int = 1
     priority: str = "normal"
@@ -97,6 +111,7 @@ class Vm:
     num_queues: int
     qos: Qos
     disks: tuple[Disk, ...]
+    nics: tuple[Nic, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,10 @@ def vm_socket_dir(settings: BrokerSettings, vm_name: str) -> str:
 
 def disk_socket_path(settings: BrokerSettings, vm_name: str, index: int) -> str:
     return os.path.join(vm_socket_dir(settings, vm_name), f"disk{index}.sock")
+
+
+def nic_socket_path(settings: BrokerSettings, vm_name: str, index: int) -> str:
+    return os.path.join(vm_socket_dir(settings, vm_name), f"nic{index}.sock")
 
 
 def admin_socket_path(settings: BrokerSettings) -> str:
@@ -150,6 +169,7 @@ def parse_policy(data: bytes, source: str) -> Policy:
         vms[name] = _parse_vm(src, broker, groups, name, raw)
     top.done()
     _check_shared_images(src, broker, vms)
+    _check_unique_nics(src, vms)
     return Policy(broker, groups, vms)
 
 
@@ -222,8 +242,53 @@ def _parse_vm(src: _Source, broker: BrokerSettings, groups: Mapping[str, Group],
         disks.append(Disk(image, d.get("readonly", bool, False)))
         d.done()
         _check_socket_path(src, disk_socket_path(broker, name, index))
+    nics = []
+    for index, item in enumerate(t.get("nics", list, [])):
+        nics.append(_parse_nic(_Table(src, ("vms", name, "nics"), item,
+                                      f"vms.{name}.nics[{index}]")))
+        _check_socket_path(src, nic_socket_path(broker, name, index))
     t.done()
-    return Vm(name, group, user, memory, kernel, initrd, append, num_queues, qos, tuple(disks))
+    return Vm(name, group, user, memory, kernel, initrd, append, num_queues, qos, tuple(disks),
+              tuple(nics))
+
+
+def _parse_nic(t: _Table) -> Nic:
+    tap = t.get("tap", str)
+    if not TAP_RE.fullmatch(tap):
+        raise t.error("tap", f"{t.label}.tap is {tap!r}; use 1 to 15 of a-z, 0-9, '_' and '-'")
+    bridge = t.get("bridge", str)
+    if not BRIDGE_RE.fullmatch(bridge):
+        raise t.error("bridge", f"{t.label}.bridge is {bridge!r}; name an existing bridge (1 to "
+                      "15 of a-z, A-Z, 0-9, '_', '.' and '-')")
+    mac = t.get("mac", str)
+    if not MAC_RE.fullmatch(mac):
+        raise t.error("mac", f"{t.label}.mac is {mac!r}; write six hex bytes like "
+                      "\"52:54:00:12:34:56\"")
+    if int(mac[:2], 16) & 1 or mac.replace(":", "").strip("0") == "":
+        raise t.error("mac", f"{t.label}.mac {mac} is multicast or zero; use a unicast address "
+                      "like 52:54:00:12:34:56")
+    mtu = t.get("mtu", int, 1500)
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise t.error("mtu", f"{t.label}.mtu is {mtu}; use {MIN_MTU} to {MAX_MTU}")
+    queues = t.get("queues", int, 1)
+    if queues != 1:
+        raise t.error("queues", f"{t.label}.queues is {queues}; only 1 queue pair is supported "
+                      "so far")
+    t.done()
+    return Nic(tap, bridge, mac.lower(), mtu, queues)
+
+
+def _check_unique_nics(src: _Source, vms: Mapping[str, Vm]) -> None:
+    """Each tap name and each guest MAC belongs to one NIC."""
+    taps: dict[str, str] = {}
+    macs: dict[str, str] = {}
+    for vm in vms.values():
+        for nic in vm.nics:
+            for seen, value, what in ((taps, nic.tap, "tap"), (macs, nic.mac, "mac")):
+                if value in seen:
+                    raise src.error(("vms", vm.name, "nics"), f"{what} {value} of vm {vm.name} "
+                                    f"is also used by vm {seen[value]}; give each NIC its own")
+                seen[value] = vm.name
 
 
 def _parse_qos(t: _Table) -> Qos:

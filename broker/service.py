@@ -22,20 +22,23 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from broker import admin, systemd
 from broker.fdpass import TO_BROKER, FrameError, Kind, recv_frame, send_frame
 from broker.images import ImageError, open_image
 from broker.policy import (
+    Nic,
     Policy,
     PolicyError,
     Vm,
     admin_socket_path,
     disk_socket_path,
     load_policy,
+    nic_socket_path,
     vm_socket_dir,
 )
+from broker.taps import TapError, create_tap, delete_tap, parse_mac
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ class DiskGrant:
     readonly: bool
     num_queues: int
     serial: str
+    kind: ClassVar[Kind] = Kind.ADD_BLK
 
     def frame(self) -> tuple[dict[str, Any], list[int]]:
         fields = {"vm": self.vm, "disk": self.index, "socket": self.socket_path,
@@ -126,15 +130,69 @@ class DiskGrant:
             os.unlink(self.socket_path)
 
 
-def open_vm(policy: Policy, vm: Vm) -> list[DiskGrant]:
-    """Open, lock and bind everything one VM needs; all or nothing."""
+@dataclass(eq=False)
+class NicGrant:
+    """What the broker holds for one NIC: the tap it created and the listening socket."""
+
+    vm: str
+    index: int
+    socket_path: str
+    tap_fd: int
+    listener: socket.socket
+    nic: Nic
+    kind: ClassVar[Kind] = Kind.ADD_NET
+
+    def frame(self) -> tuple[dict[str, Any], list[int]]:
+        nic = self.nic
+        fields = {"vm": self.vm, "nic": self.index, "socket": self.socket_path, "tap": nic.tap,
+                  "mac": nic.mac, "mtu": nic.mtu, "queues": nic.queues}
+        return fields, [self.listener.fileno(), self.tap_fd]
+
+    def close(self) -> None:
+        self.listener.close()
+        os.close(self.tap_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        try:
+            delete_tap(self.nic.tap, vm=self.vm, nic=self.index)
+        except OSError as exc:  # it still goes once the backend closes its copy
+            log.error("VM %s nic%d: cannot delete tap %s: %s", self.vm, self.index,
+                      self.nic.tap, exc)
+
+
+Grant = DiskGrant | NicGrant
+
+
+def open_nic(policy: Policy, vm: Vm, index: int, uid: int, gid: int) -> NicGrant:
+    nic = vm.nics[index]
+    try:
+        tap_fd = create_tap(nic.tap, vm=vm.name, nic=index, bridge=nic.bridge,
+                            mac=parse_mac(nic.mac), mtu=nic.mtu)
+    except (TapError, ValueError, OSError) as exc:
+        raise BrokerError(f"VM {vm.name} nic{index}: {exc}") from None
+    path = nic_socket_path(policy.broker, vm.name, index)
+    try:
+        listener = bind_socket(path, uid, gid, 0o600)
+    except OSError as exc:
+        os.close(tap_fd)
+        with contextlib.suppress(OSError):
+            delete_tap(nic.tap, vm=vm.name, nic=index)
+        raise BrokerError(f"VM {vm.name} nic{index}: cannot create socket {path}: "
+                          f"{exc.strerror}") from None
+    return NicGrant(vm.name, index, path, tap_fd, listener, nic)
+
+
+def open_vm(policy: Policy, vm: Vm) -> list[Grant]:
+    """Open, lock, create and bind everything one VM needs; all or nothing."""
     uid, gid = resolve_user(vm.user, f"VM {vm.name}'s")
     settings = policy.broker
     socket_dir = vm_socket_dir(settings, vm.name)
     make_public_dir(os.path.dirname(socket_dir))
     make_public_dir(socket_dir)
-    grants: list[DiskGrant] = []
+    grants: list[Grant] = []
     try:
+        for index in range(len(vm.nics)):
+            grants.append(open_nic(policy, vm, index, uid, gid))
         for index, disk in enumerate(vm.disks):
             try:
                 image_fd = open_image(settings.image_roots, disk.image, readonly=disk.readonly)
@@ -212,7 +270,7 @@ class Broker:
         self.policy_path = policy_path
         self.policy = policy
         self.backend_ids = resolve_user(policy.broker.backend_user, "backend")
-        self.grants: dict[str, list[DiskGrant]] = {}
+        self.grants: dict[str, list[Grant]] = {}
         self.backends: dict[str, Backend] = {}
         self.restart_at: dict[str, float] = {}
         self.restart_delay: dict[str, float] = {}
@@ -284,10 +342,10 @@ class Broker:
         log.info("group %s: backend pid %d confined and serving %d devices", group,
                  process.pid, served)
 
-    def hand_over(self, backend: Backend, vm: Vm, grants: list[DiskGrant]) -> None:
+    def hand_over(self, backend: Backend, vm: Vm, grants: list[Grant]) -> None:
         for grant in grants:
             fields, fds = grant.frame()
-            backend.request(Kind.ADD_BLK, fields, fds)
+            backend.request(grant.kind, fields, fds)
         if grants:
             backend.request(Kind.SET_QOS, qos_fields(vm))
 

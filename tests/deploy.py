@@ -101,17 +101,20 @@ class Deployment:
         result = ringfence("policy", "sign", str(self.policy), "--key", str(self.keys / "ops"))
         assert result.returncode == 0, result.stderr
 
-    def start_broker(self, timeout: float = 30) -> str:
-        """Start the broker with a test NOTIFY_SOCKET; return what it notified once ready."""
+    def start_broker(self, timeout: float = 30, *, netns: str | None = None) -> str:
+        """Start the broker with a test NOTIFY_SOCKET; return what it notified once ready.
+        `netns`: run it in that network namespace, where it then creates the VMs' taps."""
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = tempfile.mktemp(prefix="rf-notify-", dir=self.root)
         self._notify.bind(notify_path)
         self._notify.settimeout(timeout)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         log = open(self._log, "w")  # noqa: SIM115 - the broker writes it while it runs
-        self.broker = subprocess.Popen(
-            [sys.executable, "-m", "backend", "broker", "--policy", str(self.policy)],
-            cwd=REPO, env=env, stdout=log, stderr=log, text=True)
+        argv = [sys.executable, "-m", "backend", "broker", "--policy", str(self.policy)]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]  # ip execs: the pid is the broker's
+        self.broker = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log,
+                                       text=True)
         log.close()
         try:
             return self._notify.recv(4096).decode()
@@ -139,6 +142,9 @@ class Deployment:
 
     def socket(self, vm: str, disk: int = 0) -> str:
         return str(self.run_dir / "vms" / vm / f"disk{disk}.sock")
+
+    def nic_socket(self, vm: str, nic: int = 0) -> str:
+        return str(self.run_dir / "vms" / vm / f"nic{nic}.sock")
 
     def stop_broker(self) -> int | None:
         if self.broker is None:

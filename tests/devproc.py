@@ -32,14 +32,22 @@ class DevBackend:
         readonly: Sequence[str] = (),
         num_queues: int = 1,
         extra: Sequence[str] = (),
+        nets: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
+        """`nets` maps socket paths to `TAP[,mac=M][,mtu=N]`; `netns` runs the backend in
+        that network namespace (where its taps then live)."""
         argv = [sys.executable, "-m", "backend", "--log-level", "debug", "dev",
                 "--num-queues", str(num_queues), *extra]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]  # ip execs: the pid stays Python's
         for sock, image in exports.items():
             argv += ["--blk", f"{sock}={os.fspath(image)}"]
+        for sock, tap in (nets or {}).items():
+            argv += ["--net", f"{sock}={tap}"]
         for sock in readonly:
             argv += ["--readonly", sock]
-        self.sockets = list(exports)
+        self.sockets = [*exports, *(nets or {})]
         self._final_log: str | None = None
         # Lives as long as the backend; closed in __exit__.
         self._log = tempfile.NamedTemporaryFile(prefix="ringfence-dev-", suffix=".log")  # noqa: SIM115

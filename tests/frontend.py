@@ -638,6 +638,12 @@ class SplitQueue:
         self.desc = mem.view(self.desc_gpa, 16 * size)
         self.avail = mem.view(self.avail_gpa, avail_len)
         self.used = mem.view(self.used_gpa, used_len)
+        # The 16-bit fields the back-end reads or writes concurrently (flags, idx, used_event,
+        # avail_event) go through native casts: one aligned 2-byte load or store each.
+        # struct.pack_into zeroes its target before writing it, so a back-end polling avail.idx
+        # could read a transient 0 ("65000 entries ahead"); unpack_from reads byte by byte.
+        self._avail16 = self.avail.cast("H")
+        self._used16 = self.used.cast("H")
         self.kickfd = _new_eventfd()
         self.callfd = _new_eventfd()
         self.avail_idx = 0  # shadow of avail.idx (next slot to fill)
@@ -650,7 +656,7 @@ class SplitQueue:
         self.stray: list[tuple[int, int]] = []
 
     def close(self) -> None:
-        for v in (self.desc, self.avail, self.used):
+        for v in (self._avail16, self._used16, self.desc, self.avail, self.used):
             v.release()
         os.close(self.kickfd)
         os.close(self.callfd)
@@ -670,25 +676,25 @@ class SplitQueue:
     def set_avail_idx(self, idx: int) -> None:
         """Publish avail.idx = idx verbatim (a test may jump it arbitrarily)."""
         self.avail_idx = idx & 0xFFFF
-        struct.pack_into("<H", self.avail, 2, self.avail_idx)
+        self._avail16[1] = self.avail_idx
 
     def set_avail_flags(self, flags: int) -> None:
-        struct.pack_into("<H", self.avail, 0, flags)
+        self._avail16[0] = flags
 
     def set_used_event(self, idx: int) -> None:
-        struct.pack_into("<H", self.avail, 4 + 2 * self.size, idx & 0xFFFF)
+        self._avail16[2 + self.size] = idx & 0xFFFF
 
     @property
     def used_flags(self) -> int:
-        return struct.unpack_from("<H", self.used, 0)[0]
+        return self._used16[0]
 
     @property
     def used_idx(self) -> int:
-        return struct.unpack_from("<H", self.used, 2)[0]
+        return self._used16[1]
 
     @property
     def avail_event(self) -> int:
-        return struct.unpack_from("<H", self.used, 4 + 8 * self.size)[0]
+        return self._used16[2 + 4 * self.size]
 
     def read_used(self, slot: int) -> tuple[int, int]:
         """(id, len) of used.ring[slot]."""
@@ -761,7 +767,7 @@ class SplitQueue:
 
     def publish(self) -> None:
         """Store the shadow avail index, making every posted chain visible."""
-        struct.pack_into("<H", self.avail, 2, self.avail_idx)
+        self._avail16[1] = self.avail_idx
 
     def kick(self, force: bool = False) -> bool:
         """Notify the back-end if it asked to be (event idx / NO_NOTIFY); True if kicked."""
@@ -1337,3 +1343,244 @@ def run_load(
         latencies_ns=lat,
         frontend_cpu_s=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
     )
+
+
+# ------------------------------------------------------------------------ virtio-net
+
+NET_F_CSUM = 0
+NET_F_GUEST_CSUM = 1
+NET_F_MTU = 3
+NET_F_MAC = 5
+NET_F_GUEST_TSO4 = 7
+NET_F_GUEST_TSO6 = 8
+NET_F_HOST_TSO4 = 11
+NET_F_HOST_TSO6 = 12
+NET_F_MRG_RXBUF = 15
+NET_F_STATUS = 16
+#: virtio-net bits this front-end understands; any of them the device offers is accepted.
+NET_FEATURES = sum(1 << b for b in (
+    NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_MTU, NET_F_MAC, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6,
+    NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF, NET_F_STATUS,
+))
+#: virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
+NET_RX, NET_TX = 0, 1
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    mac: bytes
+    status: int
+    max_virtqueue_pairs: int
+    mtu: int
+
+
+class NetFrontend:
+    """A vhost-user-net device as QEMU drives it, with the guest driver's RX/TX in Python.
+
+    RX buffers come from a pool of `rx_buf_size`-byte buffers and are re-posted as frames are
+    received (`receive`); TX frames are copied into a pool of 64 KiB buffers (`send`), or a
+    test posts any chain it likes on `tx` (`queue.post`). `features=None` negotiates what the
+    device offers of VERSION_1, PROTOCOL_FEATURES, EVENT_IDX, INDIRECT and NET_FEATURES.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        mem_size: int = 32 << 20,
+        queue_size: int = 256,
+        rx_buf_size: int = 2048,
+        features: int | None = None,
+        event_idx: bool = True,
+        timeout: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.queue_size = queue_size
+        self.rx_buf_size = rx_buf_size
+        self.timeout = timeout
+        self._explicit_features = features
+        self._want_event_idx = event_idx
+        self.mem = GuestMemory(mem_size)
+        try:
+            self.conn = VhostUserConnection.connect(path, timeout)
+        except BaseException:
+            self.mem.close()
+            raise
+        self.device_features = 0
+        self.features = 0
+        self.protocol_features = 0
+        self.queues: list[SplitQueue] = []
+        self._rx_free: list[int] = []
+        self._rx_bufs: dict[int, int] = {}  # head -> buffer GPA
+        self._tx_free: list[int] = []
+        self._tx_bufs: dict[int, int] = {}
+        self._partial: list[bytes] = []  # buffers of a frame whose num_buffers are not all in
+        self._partial_need = 0
+        self.tx_done: list[tuple[int, int]] = []  # (head, used len) of reaped TX chains
+
+    @classmethod
+    def open(cls, path: str, **kwargs: Any) -> NetFrontend:
+        dev = cls(path, **kwargs)
+        try:
+            dev.realize()
+            dev.start()
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def __enter__(self) -> NetFrontend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+        for q in self.queues:
+            q.close()
+        self.queues = []
+        self.mem.close()
+
+    @property
+    def rx(self) -> SplitQueue:
+        return self.queues[NET_RX]
+
+    @property
+    def tx(self) -> SplitQueue:
+        return self.queues[NET_TX]
+
+    def realize(self) -> None:
+        c = self.conn
+        self.device_features = c.get_features()
+        if not self.device_features & (1 << F_PROTOCOL_FEATURES):
+            raise FrontendError("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        self.protocol_features = c.get_protocol_features() & WANTED_PROTOCOL_FEATURES
+        c.set_protocol_features(self.protocol_features)
+        c.reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+        if self.protocol_features & (1 << ProtocolFeature.MQ) and c.get_queue_num() < 1:
+            raise FrontendError("back-end offers no queue pair")
+        c.set_owner()
+
+    def read_config(self) -> NetConfig:
+        return NetConfig(*NET_CONFIG.unpack(self.conn.get_config(0, NET_CONFIG.size)))
+
+    def start(self) -> None:
+        c = self.conn
+        want = (1 << F_VERSION_1) | (1 << F_PROTOCOL_FEATURES) | (1 << F_INDIRECT_DESC) \
+            | NET_FEATURES | ((1 << F_EVENT_IDX) if self._want_event_idx else 0)
+        self.features = (self.device_features & want if self._explicit_features is None
+                         else self._explicit_features)
+        c.set_features(self.features)
+        c.set_mem_table(self.mem.regions)
+        event_idx = bool(self.features & (1 << F_EVENT_IDX))
+        self.queues = [SplitQueue(self.mem, i, self.queue_size, event_idx=event_idx)
+                       for i in (NET_RX, NET_TX)]
+        for q in self.queues:
+            c.set_vring_num(q.index, q.size)
+            c.set_vring_base(q.index, 0)
+            c.set_vring_addr(q.index, self.mem.uaddr(q.desc_gpa), self.mem.uaddr(q.used_gpa),
+                             self.mem.uaddr(q.avail_gpa))
+            c.set_vring_kick(q.index, q.kickfd)
+            c.set_vring_call(q.index, q.callfd)
+        for q in self.queues:
+            c.set_vring_enable(q.index, True)
+
+    # -- RX
+
+    def post_rx(self, count: int | None = None, size: int | None = None) -> int:
+        """Post `count` RX buffers (default: fill the ring) and kick; how many were posted."""
+        q = self.rx
+        size = size or self.rx_buf_size
+        room = self.queue_size - q.in_flight
+        count = room if count is None else min(count, room)
+        for _ in range(count):
+            gpa = self._rx_free.pop() if self._rx_free and size == self.rx_buf_size \
+                else self.mem.alloc(size, 64)
+            head = q.post([(gpa, size, True)], publish=False)
+            self._rx_bufs[head] = gpa
+        q.publish()
+        q.kick()
+        return count
+
+    def reap_rx(self) -> list[tuple[bytes, bytes]]:
+        """Frames completed so far as (12-byte header, frame); buffers are not re-posted."""
+        frames = []
+        for head, length in self.rx.reap():
+            gpa = self._rx_bufs.pop(head)
+            data = self.mem.read(gpa, length)
+            self._rx_free.append(gpa)
+            if not self._partial:
+                if length < NET_HDR.size:
+                    raise FrontendError(f"RX buffer with {length} bytes, less than a header")
+                self._partial_need = NET_HDR.unpack_from(data)[6]
+                if self._partial_need < 1:
+                    raise FrontendError("RX header with num_buffers 0")
+            self._partial.append(data)
+            if len(self._partial) == self._partial_need:
+                whole = b"".join(self._partial)
+                self._partial = []
+                frames.append((whole[: NET_HDR.size], whole[NET_HDR.size :]))
+        return frames
+
+    def receive(self, count: int = 1, timeout: float | None = None,
+                refill: bool = True) -> list[tuple[bytes, bytes]]:
+        """Wait for `count` frames (re-posting RX buffers as they are used)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        frames: list[tuple[bytes, bytes]] = []
+        while len(frames) < count:
+            got = self.reap_rx()
+            frames += got
+            if got and refill:
+                self.post_rx()
+            if len(frames) >= count:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"received {len(frames)} of {count} frames")
+            select.select([self.rx.callfd], [], [], min(left, POLL_SLICE))
+            _drain_eventfd(self.rx.callfd)
+        return frames
+
+    # -- TX
+
+    def _tx_buffer(self) -> int:
+        return self._tx_free.pop() if self._tx_free else self.mem.alloc(NET_HDR.size + 65550, 64)
+
+    def send(self, frame: bytes, header: bytes = bytes(NET_HDR.size), *,
+             kick: bool = True) -> int:
+        """Post one frame behind `header` in one readable descriptor; returns its head."""
+        self.reap_tx()
+        gpa = self._tx_buffer()
+        self.mem.write(gpa, header + frame)
+        head = self.tx.post([(gpa, len(header) + len(frame), False)])
+        self._tx_bufs[head] = gpa
+        if kick:
+            self.tx.kick()
+        return head
+
+    def reap_tx(self) -> list[tuple[int, int]]:
+        done = self.tx.reap()
+        for head, _length in done:
+            gpa = self._tx_bufs.pop(head, None)
+            if gpa is not None:
+                self._tx_free.append(gpa)
+        self.tx_done += done
+        return done
+
+    def wait_tx(self, head: int, timeout: float | None = None) -> int:
+        """Wait for TX chain `head` to complete; its used length."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            for i, (h, length) in enumerate(self.tx_done):
+                if h == head:
+                    del self.tx_done[i]
+                    return length
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"TX head {head} did not complete")
+            if not self.reap_tx():
+                select.select([self.tx.callfd], [], [], min(left, POLL_SLICE))
+                _drain_eventfd(self.tx.callfd)

@@ -46,7 +46,7 @@ BACKEND = ProcessFacts(
         Fd(3, "socket:[1234]", "/run/ringfence/vms/web1/disk0.sock"),
         Fd(4, f"{ROOT}/web1.raw"), Fd(5, f"{ROOT}/old.raw (deleted)"),
         Fd(6, "/memfd:memory-backend-memfd (deleted)"), Fd(7, "anon_inode:[eventfd]"),
-        Fd(8, "anon_inode:[eventpoll]"), Fd(9, "pipe:[77]"),
+        Fd(8, "anon_inode:[eventpoll]"), Fd(9, "pipe:[77]"), Fd(10, "/dev/net/tun"),
     ),
     interfaces=("lo",),
 )
@@ -85,8 +85,7 @@ def test_the_broker_is_root_by_design_and_never_a_violation() -> None:
     # A sibling directory whose name starts like the root is not below it.
     ({"fds": (Fd(6, "/srv/images-old/x.raw"),)}, "holds fd 6 to /srv/images-old/x.raw, which "
      "is not one of its grants"),
-    ({"fds": (Fd(7, "/dev/net/tun"),)}, "holds fd 7 to /dev/net/tun, which is not one of its "
-     "grants"),
+    ({"fds": (Fd(7, "/dev/kvm"),)}, "holds fd 7 to /dev/kvm, which is not one of its grants"),
 ])
 def test_each_backend_rule(change: dict[str, object], violation: str) -> None:
     assert evaluate(dataclasses.replace(BACKEND, **change), EXPECT) == [violation]
@@ -97,6 +96,7 @@ def test_each_backend_rule(change: dict[str, object], violation: str) -> None:
     ({"fds": (Fd(9, f"{ROOT}/web1.raw"),)}, f"holds fd 9 to the image {ROOT}/web1.raw"),
     ({"fds": (Fd(9, f"{ROOT}/a/b.raw (deleted)"),)}, f"holds fd 9 to the image {ROOT}/a/b.raw"),
     ({"interfaces": ("lo", "eth0", "br0")}, "sees network interfaces besides lo: eth0, br0"),
+    ({"fds": (Fd(9, "/dev/net/tun"),)}, "holds fd 9 to a tap (/dev/net/tun)"),
 ])
 def test_each_qemu_rule(change: dict[str, object], violation: str) -> None:
     assert evaluate(dataclasses.replace(QEMU, **change), EXPECT) == [violation]

@@ -37,6 +37,8 @@ DEVICE = {"vm": "web1", "disk": 0, "socket": "/run/rf/vms/web1/disk0.sock", "con
           "p99_us": 310, "p999_us": 900, "throttled_ms": 0}
 SAMPLES: dict[Kind, dict[str, Any]] = {
     Kind.ADD_BLK: ADD_BLK,
+    Kind.ADD_NET: {"vm": "web1", "nic": 0, "socket": "/run/rf/vms/web1/nic0.sock",
+                   "tap": "rf-web1-0", "mac": "52:54:00:12:34:56", "mtu": 1500, "queues": 1},
     Kind.REMOVE_VM: {"vm": "web1"},
     Kind.STATUS: {},
     Kind.STOP: {},
@@ -87,8 +89,9 @@ def test_every_kind_round_trips(kind: Kind) -> None:
     assert decode_frame(data, fd_count(kind)) == Frame(kind, SAMPLES[kind])
 
 
-def test_only_add_blk_carries_fds() -> None:
-    assert {kind: fd_count(kind) for kind in Kind if fd_count(kind)} == {Kind.ADD_BLK: 2}
+def test_only_add_blk_and_add_net_carry_fds() -> None:
+    assert {kind: fd_count(kind) for kind in Kind if fd_count(kind)} == {Kind.ADD_BLK: 2,
+                                                                         Kind.ADD_NET: 2}
 
 
 def test_non_ascii_text_round_trips_as_utf8() -> None:

@@ -16,6 +16,7 @@ from broker.policy import (
     Disk,
     Group,
     MiB,
+    Nic,
     PolicyError,
     Qos,
     SignatureError,
@@ -23,6 +24,7 @@ from broker.policy import (
     disk_socket_path,
     generate_keypair,
     load_policy,
+    nic_socket_path,
     parse_policy,
     sign_policy,
     verify_policy_bytes,
@@ -172,9 +174,10 @@ def test_non_utf8_policy_refused() -> None:
 
 
 def test_unknown_key_names_its_line() -> None:
-    text = EXAMPLE.replace('num_queues = 2', 'num_queues = 2\nnics = []')
+    text = EXAMPLE.replace('num_queues = 2', 'num_queues = 2\nnetworks = []')
     message = refusal(text)
-    assert f"line {line_of(text, 'nics')}:" in message and "unknown key vms.web1.nics" in message
+    assert f"line {line_of(text, 'networks')}:" in message
+    assert "unknown key vms.web1.networks" in message
 
 
 def test_unknown_key_inside_a_disk_names_the_disks_line() -> None:
@@ -581,3 +584,63 @@ def test_shipped_example_policy_parses_with_its_vms_and_groups() -> None:
     assert sorted(policy.groups) == ["tenant-a", "tenant-b"]
     assert [vm.name for vm in policy.vms_in_group("tenant-a")] == ["web1"]
     assert policy.vms["web1"].disks[1].readonly
+    assert policy.vms["web1"].nics[0].tap == "rf-web1-0"
+
+
+# --- NICs -------------------------------------------------------------------------------------
+
+NIC = '{ tap = "rf-web1-0", bridge = "br-tenant-a", mac = "52:54:00:12:34:56" }'
+NIC_VM = BROKER + f"""\
+[groups.g]
+[vms.web1]
+group = "g"
+user = "vm-web1"
+nics = [ {NIC} ]
+"""
+
+
+def nic_policy(nic: str) -> str:
+    return NIC_VM.replace(NIC, nic)
+
+
+def test_nic_parses_with_defaults() -> None:
+    policy = parse(NIC_VM)
+    assert policy.vms["web1"].nics == (Nic("rf-web1-0", "br-tenant-a", "52:54:00:12:34:56", 1500,
+                                           1),)
+    assert nic_socket_path(policy.broker, "web1", 0) == "/run/rf/vms/web1/nic0.sock"
+
+
+def test_nic_settings_are_read() -> None:
+    policy = parse(nic_policy('{ tap = "t0", bridge = "br0.100", mac = "52:54:00:AB:CD:EF", '
+                              'mtu = 9000, queues = 1 }'))
+    assert policy.vms["web1"].nics == (Nic("t0", "br0.100", "52:54:00:ab:cd:ef", 9000, 1),)
+
+
+@pytest.mark.parametrize(("nic", "needle"), [
+    ('{ tap = "rf-web1-verylong0", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
+    ('{ tap = "Tap0", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
+    ('{ tap = "t/0", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
+    ('{ tap = "", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
+    ('{ tap = "t0", bridge = "br 0", mac = "52:54:00:12:34:56" }', ".bridge is"),
+    ('{ tap = "t0", bridge = "br0", mac = "52-54-00-12-34-56" }', "six hex bytes"),
+    ('{ tap = "t0", bridge = "br0", mac = "01:00:5e:00:00:01" }', "multicast or zero"),
+    ('{ tap = "t0", bridge = "br0", mac = "00:00:00:00:00:00" }', "multicast or zero"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", mtu = 67 }', "mtu is 67"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", mtu = 65501 }', "mtu is 65501"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", queues = 2 }', "queues is 2"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", vlan = 2 }',
+     "unknown key vms.web1.nics[0].vlan"),
+    ('{ tap = "t0", mac = "52:54:00:12:34:56" }', "bridge is missing"),
+])
+def test_bad_nics_refused(nic: str, needle: str) -> None:
+    assert needle in refusal(nic_policy(nic))
+
+
+@pytest.mark.parametrize(("second", "needle"), [
+    ('{ tap = "rf-web1-0", bridge = "br0", mac = "52:54:00:00:00:02" }', "tap rf-web1-0"),
+    ('{ tap = "rf-db1-0", bridge = "br0", mac = "52:54:00:12:34:56" }', "mac 52:54:00:12:34:56"),
+])
+def test_tap_names_and_macs_are_unique_across_vms(second: str, needle: str) -> None:
+    text = NIC_VM + f'[vms.db1]\ngroup = "g"\nuser = "vm-db1"\nnics = [ {second} ]\n'
+    message = refusal(text)
+    assert needle in message and "also used by vm" in message

@@ -23,8 +23,9 @@ from broker.audit import (
     read_facts,
     reference_namespaces,
 )
-from broker.policy import BrokerSettings, Disk, MiB, Policy, Qos, Vm, parse_policy
+from broker.policy import BrokerSettings, Disk, MiB, Nic, Policy, Qos, Vm, parse_policy
 from broker.qemu import (
+    NIC_INTERRUPTS,
     SANDBOX,
     QemuError,
     add_commands,
@@ -86,6 +87,24 @@ def test_device_args_give_shared_memfd_ram_one_vhost_user_disk_per_socket_and_no
         "-device", "vhost-user-blk-pci,chardev=disk1,num-queues=2",
         "-nic", "none",
     ]  # fmt: skip
+
+
+def test_device_args_give_each_nic_a_vhost_user_netdev_with_its_mac_and_mtu() -> None:
+    nic = Nic("rf-web1-0", "br0", "52:54:00:12:34:56", 9000, 1)
+    args = qemu_device_args(policy(vm(disks=(), nics=(nic,))), "web1")
+    assert args[6:] == [
+        "-chardev", "socket,id=nic0,path=/run/rf/vms/web1/nic0.sock,reconnect=1",
+        "-netdev", "vhost-user,id=net0,chardev=nic0",
+        "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,host_mtu=9000,"
+        + NIC_INTERRUPTS,
+        "-nic", "none",
+    ]  # fmt: skip
+
+
+def test_jail_of_a_vm_with_only_a_nic_shows_the_socket_dir() -> None:
+    nic = Nic("rf-web1-0", "br0", "52:54:00:12:34:56", 1500, 1)
+    binds, _ = jail_binds(settings(), vm(disks=(), nics=(nic,)))
+    assert any(b.path == "/run/rf/vms/web1" for b in binds)
 
 
 def test_device_args_double_commas_in_socket_paths() -> None:

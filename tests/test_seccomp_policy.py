@@ -30,6 +30,9 @@ import pyseccomp
 import pytest
 
 from backend.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from backend.net import TUN_F_CSUM, TUNSETOFFLOAD
+from broker.taps import TUNSETIFF, TUNSETVNETHDRSZ, open_tun
+from sandbox.namespaces import CLONE_NEWNET, unshare
 from sandbox.seccomp_policy import (
     CONSTANTS,
     Comparison,
@@ -87,10 +90,15 @@ class Kit:
     b: socket.socket
     broken_pipe: int  # the write end of a pipe whose read end is closed
     mapping: int  # address of one private anonymous page
+    tap: int  # a tap, in a network namespace of the child's own
     sigpipes: list[int] = field(default_factory=list)
 
     @classmethod
     def build(cls, directory: Path) -> tuple[Kit, list[int]]:
+        # First into a network namespace of our own: the tap (and the abstract socket below)
+        # live and die with this child, and the host's interfaces are never touched.
+        unshare(CLONE_NEWNET)
+        tap = open_tun("rf-probe0")
         image = os.open(directory / f"image.{os.getpid()}", os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(image, 1 << 20)
         memfd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
@@ -110,9 +118,10 @@ class Kit:
         os.close(pipe_r)
         mapping = sc("mmap", None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        kit = cls(image, memfd, efd, select.epoll(), listener, client, a, b, broken_pipe, mapping)
+        kit = cls(image, memfd, efd, select.epoll(), listener, client, a, b, broken_pipe, mapping,
+                  tap)
         signal.signal(signal.SIGPIPE, lambda signum, _frame: kit.sigpipes.append(signum))
-        fds = [image, memfd, efd, kit.epoll.fileno(), broken_pipe,
+        fds = [image, memfd, efd, kit.epoll.fileno(), broken_pipe, tap,
                *(s.fileno() for s in (listener, client, a, b))]
         return kit, fds
 
@@ -176,9 +185,13 @@ CASES: dict[str, Case] = {
          Probe("getsockopt", lambda k: k.a.getsockopt(socket.IPPROTO_TCP, socket.SO_PEERCRED),
                KILLED)]),
     "ioctl": Case(
-        [Probe("ioctl", lambda k: k.a.setblocking(False))],
-        # TIOCSTI would type into a terminal the process holds.
-        [raw("ioctl", lambda k: (2, termios.TIOCSTI, b"x"), KILLED)]),
+        [Probe("ioctl", lambda k: k.a.setblocking(False)),
+         Probe("ioctl", lambda k: fcntl.ioctl(k.tap, TUNSETOFFLOAD, TUN_F_CSUM))],
+        # TIOCSTI would type into a terminal the process holds; TUNSETIFF would attach the tap
+        # FD to another interface, TUNSETVNETHDRSZ change the frame layout the broker set.
+        [raw("ioctl", lambda k: (2, termios.TIOCSTI, b"x"), KILLED),
+         raw("ioctl", lambda k: (k.tap, TUNSETIFF, buf(40)), KILLED),
+         raw("ioctl", lambda k: (k.tap, TUNSETVNETHDRSZ, buf(4)), KILLED)]),
     "recvmsg": Case(
         [Probe("recvmsg", lambda k: socket.recv_fds(k.b, 64, 4, socket.MSG_CMSG_CLOEXEC))],
         [raw("recvmmsg", lambda k: (k.b.fileno(), None, 0, 0, None), KILLED)]),
@@ -195,10 +208,16 @@ CASES: dict[str, Case] = {
         [raw("connect", lambda k: (k.a.fileno(), buf(16), 16), KILLED)]),
     "read": Case(
         [Probe("read", lambda k: os.read(k.efd, 8))],
-        [raw("readv", lambda k: (k.efd, None, 0), KILLED)]),
+        [raw("pread64", lambda k: (k.efd, None, 0, 0), KILLED)]),
     "write": Case(
         [Probe("write", lambda k: os.write(k.efd, (1).to_bytes(8, "little")))],
-        [raw("writev", lambda k: (k.efd, None, 0), KILLED)]),
+        [raw("sendfile", lambda k: (k.a.fileno(), k.image, None, 8), KILLED)]),
+    "readv": Case(
+        [Probe("readv", lambda k: os.readv(k.b.fileno(), [bytearray(8), bytearray(8)]))],
+        [raw("preadv", lambda k: (k.b.fileno(), None, 0, 0, 0), KILLED)]),
+    "writev": Case(
+        [Probe("writev", lambda k: os.writev(k.a.fileno(), [b"frame", b"data"]))],
+        [raw("pwritev", lambda k: (k.a.fileno(), None, 0, 0, 0), KILLED)]),
     "pselect6": Case(
         [Probe("pselect6", lambda k: select.select((), (k.efd,), (), 0))],
         [raw("ppoll", lambda k: (None, 0, None, None, 8), KILLED)]),
@@ -427,6 +446,7 @@ def test_constants_are_this_platforms_values() -> None:
     assert CONSTANTS["PROT_EXEC"] == mmap.PROT_EXEC
     assert CONSTANTS["FIONBIO"] == termios.FIONBIO
     assert CONSTANTS["FALLOC_FL_ZERO_RANGE"] == FALLOC_FL_ZERO_RANGE
+    assert CONSTANTS["TUNSETOFFLOAD"] == TUNSETOFFLOAD
 
 
 # --- compiling ----------------------------------------------------------------------------

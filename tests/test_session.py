@@ -41,6 +41,7 @@ class FakeHost:
     closed: list[int] = field(default_factory=list)
     refuse_memory: bool = False
     refuse_start: bool = False
+    refuse_features: bool = False
     not_eventfds: set[int] = field(default_factory=set)
     stop_base: int = 0
     written_config: list[tuple[int, bytes]] = field(default_factory=list)
@@ -56,6 +57,11 @@ class FakeHost:
     def write_config(self, offset: int, data: bytes) -> None:
         self.calls.append(("write_config", offset, data))
         raise ValueError("config space is read-only")
+
+    def set_features(self, features: int) -> None:
+        self.calls.append(("set_features", features))
+        if self.refuse_features:
+            raise ValueError("tap refused offloads")
 
     def set_memory(self, regions: tuple[MemRegion, ...], fds: tuple[int, ...]) -> None:
         self.calls.append(("set_memory", regions, fds))
@@ -681,3 +687,35 @@ def test_vring_fd_that_is_not_an_eventfd_is_refused_and_closed(request_type: Req
     assert host.closed == [fd]
     ring = session.rings[0]
     assert (ring.kick, ring.call, ring.err) == (None, None, None)
+
+
+def test_set_vring_enable_after_protocol_negotiation_but_before_set_features_is_accepted(
+        session, host):
+    """QEMU's vhost-user-net disables its rings right after GET_FEATURES and the protocol
+    negotiation, before SET_FEATURES acks VHOST_USER_F_PROTOCOL_FEATURES."""
+    ok(session, msg(Request.SET_OWNER))
+    ok(session, msg(Request.SET_PROTOCOL_FEATURES, u64(int(OFFERED_PROTOCOL_FEATURES))))
+    ok(session, msg(Request.SET_VRING_ENABLE, state(0, 0)))
+    assert host.calls[-1] == ("ring_enabled", 0, False)
+
+
+def test_set_features_refused_by_the_device_is_a_protocol_error(session, host):
+    host.refuse_features = True
+    with pytest.raises(ProtocolError, match="refused: tap refused offloads"):
+        session.handle(msg(Request.SET_FEATURES, u64(F_VERSION_1)))
+    assert session.features == 0
+
+
+def test_set_features_reaches_the_device(session, host):
+    ok(session, msg(Request.SET_FEATURES, u64(F_VERSION_1 | F_EVENT_IDX)))
+    assert ("set_features", F_VERSION_1 | F_EVENT_IDX) in host.calls
+
+
+def test_a_device_may_answer_queue_num_and_protocol_features_itself(host):
+    host.vhost_queue_num = 1  # type: ignore[attr-defined]  # virtio-net: queue pairs
+    host.offered_protocol_features = int(ProtocolFeature.REPLY_ACK)  # type: ignore[attr-defined]
+    session = Session(host)
+    assert ack_value(ok(session, msg(Request.GET_QUEUE_NUM))) == 1
+    assert ack_value(ok(session, msg(Request.GET_PROTOCOL_FEATURES))) == ProtocolFeature.REPLY_ACK
+    with pytest.raises(ProtocolError, match="not offered"):
+        session.handle(msg(Request.SET_PROTOCOL_FEATURES, u64(int(ProtocolFeature.CONFIG))))

@@ -1,0 +1,230 @@
+"""virtio-net's sans-IO parts (backend/net.py): the TX header and chain checks, every rejection;
+plus the device over a real tap in a namespace of its own (offload probing, features, config).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from backend.net import (
+    CONFIG,
+    ETH_HLEN,
+    F_CSUM,
+    F_GUEST_CSUM,
+    F_GUEST_TSO4,
+    F_GUEST_TSO6,
+    F_HOST_TSO4,
+    F_HOST_TSO6,
+    F_MAC,
+    F_MRG_RXBUF,
+    F_MTU,
+    F_STATUS,
+    F_VERSION_1,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    HDR_F_DATA_VALID,
+    HDR_F_NEEDS_CSUM,
+    HEADER,
+    HEADER_SIZE,
+    MAX_FRAME,
+    STATUS_LINK_UP,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUNSETOFFLOAD,
+    NetDevice,
+    NetHeader,
+    NetHeaderError,
+    _copy_into,
+    _put_u16,
+    check_tx_chain,
+    parse_tx_header,
+    tap_offloads,
+)
+from broker import taps
+from tests.netns import inside, netns
+
+ALL = F_VERSION_1 | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_GUEST_CSUM | F_MRG_RXBUF
+
+
+def hdr(flags: int = 0, gso: int = GSO_NONE, hdr_len: int = 0, gso_size: int = 0,
+        csum_start: int = 0, csum_offset: int = 0, num_buffers: int = 0) -> bytes:
+    return HEADER.pack(flags, gso, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
+
+
+def views(*chunks: bytes) -> list[memoryview]:
+    return [memoryview(bytearray(c)) for c in chunks]
+
+
+FRAME = bytes(60)
+
+
+# --- parse_tx_header ------------------------------------------------------------------------
+
+
+def test_plain_header_parses() -> None:
+    assert parse_tx_header(hdr(), 60, 0) == NetHeader(0, 0, 0, 0, 0, 0, 0)
+
+
+def test_checksum_request_inside_the_frame_parses() -> None:
+    parsed = parse_tx_header(hdr(HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6), 60, ALL)
+    assert parsed.csum_start == 34
+
+
+def test_tso_header_parses() -> None:
+    header = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16)
+    assert parse_tx_header(header, 9000, ALL).gso_size == 1448
+    header6 = hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 74, 1428, 54, 16)
+    assert parse_tx_header(header6, 9000, ALL).gso_type == GSO_TCPV6
+
+
+@pytest.mark.parametrize(("header", "frame_len", "features", "reason"), [
+    (hdr()[:11], 60, ALL, "header is 11 bytes"),
+    (hdr(HDR_F_DATA_VALID), 60, ALL, "flags 0x2 are not for transmit"),
+    (hdr(0x80), 60, ALL, "flags 0x80 are not for transmit"),
+    (hdr(HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6), 60, F_VERSION_1,
+     "checksum offload requested but not negotiated"),
+    (hdr(HDR_F_NEEDS_CSUM, csum_start=50, csum_offset=16), 60, ALL, "outside the 60-byte"),
+    (hdr(HDR_F_NEEDS_CSUM, csum_start=0xFFFF, csum_offset=0xFFFF), 60, ALL, "outside"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 54, 1448, 34, 16), 9000, ALL, "ECN"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_UDP, 42, 1448, 34, 6), 9000, ALL, "type 3 is not supported"),
+    (hdr(HDR_F_NEEDS_CSUM, 9, 42, 1448, 34, 6), 9000, ALL, "type 9 is not supported"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16), 9000, ALL & ~F_HOST_TSO4,
+     "type 1 requested but not negotiated"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 74, 1448, 54, 16), 9000, ALL & ~F_HOST_TSO6,
+     "type 4 requested but not negotiated"),
+    (hdr(0, GSO_TCPV4, 54, 1448), 9000, ALL, "without a checksum request"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 0, 34, 16), 9000, ALL, "segment size of 0"),
+    (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 9001, 1448, 34, 16), 9000, ALL, "header length 9001"),
+])
+def test_header_rejections(header: bytes, frame_len: int, features: int, reason: str) -> None:
+    with pytest.raises(NetHeaderError, match=reason):
+        parse_tx_header(header, frame_len, features)
+
+
+# --- check_tx_chain -------------------------------------------------------------------------
+
+
+def test_chain_with_header_and_frame_in_one_descriptor_passes() -> None:
+    assert check_tx_chain(views(hdr() + FRAME), [], ALL).flags == 0
+
+
+def test_header_split_over_descriptors_is_joined() -> None:
+    header = hdr(HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6)
+    assert check_tx_chain(views(header[:5], header[5:], FRAME), [], ALL).csum_start == 34
+
+
+@pytest.mark.parametrize(("readable", "writable", "reason"), [
+    ([hdr() + FRAME], [b"x" * 16], "device-writable descriptors"),
+    ([], [hdr() + FRAME], "device-writable descriptors"),  # the header in a write-only one
+    ([], [], "chain of 0 bytes is shorter than the header"),
+    ([hdr()[:8]], [], "chain of 8 bytes is shorter than the header"),
+    ([hdr()], [], "a header and no frame"),
+    ([hdr(), bytes(ETH_HLEN - 1)], [], "shorter than an Ethernet header"),
+    ([hdr(), bytes(MAX_FRAME), b"x"], [], f"exceeds {MAX_FRAME}"),
+    ([hdr(HDR_F_DATA_VALID), FRAME], [], "not for transmit"),
+])
+def test_chain_rejections(readable: list[bytes], writable: list[bytes], reason: str) -> None:
+    with pytest.raises(NetHeaderError, match=reason):
+        check_tx_chain(views(*readable), views(*writable), ALL)
+
+
+def test_largest_frame_passes() -> None:
+    assert check_tx_chain(views(hdr(), bytes(MAX_FRAME)), [], ALL).gso_type == GSO_NONE
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [[12], [10, 2], [11, 1], [4, 6, 1, 1], [1] * 12])
+def test_num_buffers_lands_at_offset_10_across_views(split: list[int]) -> None:
+    bufs = views(*(bytes(n) for n in split))
+    _put_u16(bufs, 10, 0x1234)
+    assert b"".join(bufs)[10:12] == b"\x34\x12"
+    assert b"".join(bufs)[:10] == bytes(10)
+
+
+def test_copy_into_fills_views_in_order_and_stops_at_the_end() -> None:
+    bufs = views(bytes(3), bytes(4), bytes(5))
+    assert _copy_into(bufs, memoryview(b"abcdefghi")) == 9
+    assert b"".join(bufs) == b"abcdefghi\0\0\0"
+    assert _copy_into(views(bytes(2)), memoryview(b"abc")) == 2
+
+
+@pytest.mark.parametrize(("features", "offloads"), [
+    (0, 0),
+    (F_GUEST_CSUM, TUN_F_CSUM),
+    (F_GUEST_CSUM | F_GUEST_TSO4, TUN_F_CSUM | TUN_F_TSO4),
+    (F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6),
+    (F_GUEST_TSO4 | F_GUEST_TSO6, 0),  # segmentation without checksumming is no offload
+])
+def test_tap_offloads_follow_the_guest_features(features: int, offloads: int) -> None:
+    assert tap_offloads(features) == offloads
+
+
+def test_tun_constants_agree_between_broker_and_backend() -> None:
+    assert taps.TUNSETOFFLOAD == TUNSETOFFLOAD
+    assert taps.VNET_HDR_SIZE == HEADER_SIZE
+
+
+# --- the device over a real tap -------------------------------------------------------------
+
+
+@pytest.fixture
+def tap_fd() -> Iterator[int]:
+    with netns() as ns:
+        with inside(ns):
+            fd = taps.open_tun("rft-unit0")
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+
+def test_device_offers_the_offloads_the_tap_supports(tap_fd: int) -> None:
+    dev = NetDevice(tap_fd, mac=bytes.fromhex("525400123456"), mtu=1400)
+    for bit in (F_VERSION_1, F_MAC, F_STATUS, F_MTU, F_MRG_RXBUF, F_CSUM, F_HOST_TSO4,
+                F_HOST_TSO6, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6):
+        assert dev.device_features & bit, hex(bit)
+    assert CONFIG.unpack(dev.config()) == (bytes.fromhex("525400123456"), STATUS_LINK_UP, 1,
+                                           1400)
+
+
+def test_device_makes_the_tap_non_blocking(tap_fd: int) -> None:
+    flags = fcntl.fcntl(tap_fd, fcntl.F_GETFL)
+    fcntl.fcntl(tap_fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    NetDevice(tap_fd, mac=bytes.fromhex("525400123456"))
+    assert fcntl.fcntl(tap_fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def test_set_features_refuses_a_driver_without_version_1(tap_fd: int) -> None:
+    dev = NetDevice(tap_fd, mac=bytes.fromhex("525400123456"))
+    with pytest.raises(ValueError, match="VERSION_1"):
+        dev.set_features(F_MRG_RXBUF)
+
+
+def test_device_refuses_an_fd_that_is_not_a_tap() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="TUNSETOFFLOAD"):
+            NetDevice(r, mac=bytes.fromhex("525400123456"))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_device_refuses_a_mac_of_the_wrong_length(tap_fd: int) -> None:
+    with pytest.raises(ValueError, match="6 bytes"):
+        NetDevice(tap_fd, mac=b"\x52\x54")
+
+
+def test_rx_header_struct_is_twelve_bytes() -> None:
+    assert HEADER_SIZE == 12 == struct.calcsize("<BBHHHHH")
