@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod libcap-dev fio gcc systemd procps strace)
+packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod libcap-dev fio gcc systemd procps strace iproute2)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
