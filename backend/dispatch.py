@@ -149,8 +149,8 @@ class SharedDispatcher:
         now = self.clock()
         if not runtime.polling:
             # Adapt the polling window: a kick soon after we went to sleep means we slept
-            # too early; a long sleep means polling would have been wasted.
-            if now - runtime.sleep_at < runtime.window:
+            # too early (as KVM's halt-polling grows); a long sleep means polling was wasted.
+            if now - runtime.sleep_at < MAX_POLL_NS:
                 runtime.window = min(runtime.window * 2, MAX_POLL_NS)
             else:
                 runtime.window = max(runtime.window // 2, MIN_POLL_NS)
@@ -247,8 +247,10 @@ class SharedDispatcher:
                     runtime.noticed(pending, now)
                 sched.set_pending(ring, pending, now)
                 served += done
+                # Rings the scheduler already knows to be busy need no look: only an idle
+                # ring becoming busy changes whether this turn is contended.
                 for other in list(self.polling):
-                    if other is not ring:
+                    if other is not ring and not sched.pending(other):
                         self._look(other, now)
                 if ring not in self.rings or sched.should_change_queue(ring, now):
                     break

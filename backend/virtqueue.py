@@ -27,7 +27,6 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _unpack_desc = _DESC.unpack_from
 _unpack_u16 = _U16.unpack_from
-_pack_u16 = _U16.pack_into
 _pack_used = _USED_ELEM.pack_into
 
 # Acquiring a lock executes a locked instruction: a full memory barrier on x86, which orders
@@ -63,6 +62,7 @@ class SplitQueue:
         "signalled_used",
         "size",
         "used",
+        "used16",
         "used_idx",
     )
 
@@ -90,6 +90,9 @@ class SplitQueue:
             self.used = mem.uva(used_uva, used_len)
         except GuestMemoryError as exc:
             raise RingError(f"ring outside guest memory: {exc}") from None
+        # The guest reads these 16-bit fields while we write them: store each with one 16-bit
+        # write (struct.pack_into zeroes the field first, so the guest could see idx == 0).
+        self.used16 = self.used.cast("H")
         self.mem = mem
         self.size = num
         self.mask = num - 1
@@ -101,7 +104,7 @@ class SplitQueue:
 
     def release(self) -> None:
         """Drop the ring views so the guest memory mapping can be closed."""
-        for view in (self.desc, self.avail, self.used):
+        for view in (self.used16, self.desc, self.avail, self.used):
             view.release()
 
     # --- avail side ------------------------------------------------------------------------
@@ -190,7 +193,7 @@ class SplitQueue:
 
     def publish_used(self) -> bool:
         """Make the completed entries visible; True when the driver wants an interrupt."""
-        _pack_u16(self.used, 2, self.used_idx)
+        self.used16[1] = self.used_idx
         new = self.used_idx
         old = self.signalled_used
         if new == old:
@@ -208,8 +211,8 @@ class SplitQueue:
         """Ask the driver to kick (or not) when it adds buffers."""
         if self.event_idx:
             if enabled:
-                _pack_u16(self.used, 4 + 8 * self.size, self.last_avail)
+                self.used16[2 + 4 * self.size] = self.last_avail
         else:
-            _pack_u16(self.used, 0, 0 if enabled else USED_F_NO_NOTIFY)
+            self.used16[0] = 0 if enabled else USED_F_NO_NOTIFY
         if enabled:
             memory_fence()

@@ -54,8 +54,8 @@ from tests.frontend import BlkFrontend, BlkLoad, run_load  # noqa: E402
 SCALE_VMS = (1, 2, 4, 8, 16)
 SCALE_QD = 8
 FAIR_WEIGHTS = (1, 2, 4)
-# QD32 as issue 4 asks; 64, a deep guest queue; 320, deeper than the longest batch the shared
-# thread serves (Scheduler's max_turn_requests, 256), so no batch can empty a queue.
+# QD32 as issue 4 asks; 64, a deep guest queue; 320, deeper than the longest turn the shared
+# thread serves (Scheduler's max_turn_requests, 256), so no turn can empty a queue.
 FAIR_QDS = (32, 64, 320)
 QUIET_VMS = 7
 IOPS_LIMIT = 2000

@@ -63,8 +63,9 @@ def two_images(tmp_path: Path) -> Iterator[tuple[dict[str, Path], list[str]]]:
 # the median of four is robust to one such episode.
 WEIGHT_WINDOWS = 4
 WEIGHT_WINDOW_S = 0.5
-# Deeper than the longest batch the shared thread serves (Scheduler's max_turn_requests, 256),
-# so that no batch can empty a saturating VM's queue; see the test's docstring.
+# QD32 is the depth issue 4 names; 320 is deeper than the longest turn the shared thread
+# serves (Scheduler's max_turn_requests, 256), so no turn can empty a saturating VM's queue
+# whatever the turn lengths; see the test's docstring.
 DEEP_QD = 320
 
 
@@ -79,14 +80,14 @@ def test_two_saturating_vms_with_weights_1_to_3_complete_requests_1_to_3(
     two_images: tuple[dict[str, Path], list[str]], qd: int
 ) -> None:
     """Weights divide the thread only between VMs that both have requests pending whenever it
-    chooses. A saturating VM's queue still empties if a batch takes every pending request (a
-    batch is up to 256 requests when no other queue is pending at that instant, 32 when one
-    is) because its completions return only once the front-end has reaped and re-posted
-    them; the scheduler then counts the VM as idle and drops its credit, and the VMs settle
-    into taking whole queues in turn, 1:1. So by design: a queue depth above the longest
-    batch; 4 KiB reads of a page-cached image, so the back-end thread is the bottleneck; and a
-    front-end that re-posts each completion as it reaps it and is idle most of the time
-    (checked), so it is not what limits either VM."""
+    chooses. A saturating VM's queue still empties if a turn takes every pending request,
+    because completions return only once the front-end has reaped and re-posted them; the
+    scheduler then counts the VM as idle and drops its credit, and the VMs drift towards
+    taking whole queues in turn, 1:1. So by design: 4 KiB reads of a page-cached image, so
+    the back-end thread is the bottleneck; a front-end that re-posts each completion as it
+    reaps it and is idle most of the time (checked), so it is not what limits either VM; and
+    at QD32 it is the back-end's turns and batches that must keep queues from emptying, while
+    at DEEP_QD no turn can."""
     exports, (light, heavy) = two_images
     qos = [f"--qos={light}=weight=1", f"--qos={heavy}=weight=3"]
     with (
