@@ -5,20 +5,20 @@ the clock. Whatever the order, no call may raise, no selected queue may lack pen
 belong to a throttled VM, pending work that cannot run must come with a deadline, and throttled
 time never goes backwards.
 
-    python fuzz/fuzz_scheduler.py -atheris_runs=1000000
+    python -m fuzz scheduler --seconds 60
 """
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-import atheris
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# This checkout's backend, not whichever one is installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fuzz._harness import Invariant, Reader, instrumented, time_limit
 
-with atheris.instrument_imports():
+with instrumented(__name__, "backend.scheduler"):
     from backend.scheduler import PRIORITIES, Qos, Scheduler
 
 MS = 1_000_000
@@ -26,7 +26,7 @@ LIMITS = (None, 1, 100, 10_000, 1_000_000)
 STEPS = (0, 1, 1000, 100_000, MS, 100 * MS)
 
 
-def _qos(fdp: atheris.FuzzedDataProvider) -> Qos:
+def _qos(fdp: _Provider) -> Qos:
     return Qos(weight=fdp.ConsumeIntInRange(1, 1000),
                priority=PRIORITIES[fdp.ConsumeIntInRange(0, 2)],
                iops_limit=LIMITS[fdp.ConsumeIntInRange(0, len(LIMITS) - 1)],
@@ -34,8 +34,22 @@ def _qos(fdp: atheris.FuzzedDataProvider) -> Qos:
                burst=1 + fdp.ConsumeIntInRange(0, 40) / 4)
 
 
-def test_one_input(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
+class _Provider(Reader):
+    """The FuzzedDataProvider calls this harness was written with, on the plain Reader."""
+
+    ConsumeIntInRange = Reader.int_in_range
+
+    def ConsumeBool(self) -> bool:
+        return self.bool()
+
+
+def check(data: bytes) -> None:
+    with time_limit(2.0):
+        _check(data)
+
+
+def _check(data: bytes) -> None:
+    fdp = _Provider(data)
     latency = fdp.ConsumeIntInRange(1, 10 * MS)
     max_turn = fdp.ConsumeIntInRange(1, 512)
     sched = Scheduler(latency_target_ns=latency,
@@ -86,17 +100,17 @@ def test_one_input(data: bytes) -> None:
                     if any(pending.values()):
                         deadline = sched.next_deadline(now)
                         if deadline is None or deadline <= now:
-                            raise AssertionError("work waits with no deadline to wake up for")
+                            raise Invariant("work waits with no deadline to wake up for")
                 else:
                     if not pending[chosen]:
-                        raise AssertionError("selected a queue with nothing pending")
+                        raise Invariant("selected a queue with nothing pending")
                     if sched.throttled_until(owner[chosen], now) is not None:
-                        raise AssertionError("selected a queue of a throttled VM")
+                        raise Invariant("selected a queue of a throttled VM")
                     sched.start_turn(chosen, now)
             elif op == 7:
                 budget = sched.turn_budget(key, now)
                 if not 0 <= budget <= max_turn:
-                    raise AssertionError(f"turn budget {budget} out of range")
+                    raise Invariant(f"turn budget {budget} out of range")
                 served = fdp.ConsumeIntInRange(0, max(budget, 1))
                 sched.account(key, served, served * fdp.ConsumeIntInRange(0, 1 << 20), now)
                 pending[key] = max(0, pending[key] - served)
@@ -106,17 +120,14 @@ def test_one_input(data: bytes) -> None:
         for vm, before in throttled.items():
             spent = sched.throttled_ns(vm, now)
             if spent < before:
-                raise AssertionError("throttled time went backwards")
+                raise Invariant("throttled time went backwards")
             throttled[vm] = spent
     for key, count in pending.items():
         if sched.pending(key) != count:
-            raise AssertionError("pending count drifted from what the server reported")
-
-
-def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+            raise Invariant("pending count drifted from what the server reported")
 
 
 if __name__ == "__main__":
-    main()
+    from fuzz._harness import fuzz
+
+    fuzz(check, "scheduler")

@@ -1,8 +1,12 @@
-"""Fuzz the seccomp policy parser: any text parses or raises SeccompPolicyError, nothing else.
+"""Fuzz the seccomp policy parser (sandbox/seccomp_policy.py): parse_policy + compile_filter.
 
-    python3 fuzz/fuzz_seccomp_policy.py -max_total_time=60 NEW_CORPUS_DIR fuzz/corpus/seccomp_policy
+The input is a policy file's text (decoded as UTF-8, undecodable bytes replaced). Invariants:
+  * SeccompPolicyError is the only exception from parsing, and it is one line naming the file;
+  * whatever parses also compiles: the parser is the only gate before libseccomp, so a policy
+    it accepts and libseccomp refuses would stop the backend at start-up;
+  * every rule's syscall appears once, and a `return` rule carries no condition.
 
-(Name a scratch directory first: libFuzzer adds what it finds to the first corpus directory.)
+    python -m fuzz seccomp_policy --seconds 60
 """
 
 from __future__ import annotations
@@ -10,24 +14,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import atheris
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fuzz._harness import instrumented, one_line, require, time_limit
 
-with atheris.instrument_imports():
+with instrumented(__name__, "sandbox.seccomp_policy"):
     from sandbox.seccomp_policy import SeccompPolicyError, compile_filter, parse_policy
 
+SOURCE = "fuzz.policy"
 
-def test_one_input(data: bytes) -> None:
+
+def check(data: bytes) -> None:
+    with time_limit(2.0):
+        _check(data)
+
+
+def _check(data: bytes) -> None:
     text = data.decode("utf-8", errors="replace")
     try:
-        policy = parse_policy(text, "fuzz.policy")
-    except SeccompPolicyError:
+        policy = parse_policy(text, SOURCE)
+    except SeccompPolicyError as exc:
+        one_line(str(exc), "SeccompPolicyError")
+        require(str(exc).startswith(SOURCE), f"error does not name the file: {exc}")
         return
-    # Whatever parses must compile: the parser is the only gate before libseccomp.
+    require(len(set(policy.syscalls)) == len(policy.syscalls), "a syscall has two rules")
+    require(all(rule.errno is None or not rule.alternatives for rule in policy.rules),
+            "a return rule has a condition")
     compile_filter(policy, "log")
 
 
 if __name__ == "__main__":
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    from fuzz._harness import fuzz
+
+    fuzz(check, "seccomp_policy")

@@ -1,0 +1,92 @@
+"""Bugs the harnesses found that are not fixed yet, each with its reproducer in the corpus.
+
+While a bug is listed here, `python -m fuzz` reports inputs that trip it as a `KNOWN-BUG` line
+instead of stopping, so a short fuzz run can still find new bugs; and the corpus regression test
+(tests/test_fuzz_corpus.py) expects its reproducer to fail (strict xfail), so the day the bug is
+fixed the test says so and the entry must go. `check()` itself is never relaxed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KnownBug:
+    ident: str
+    harness: str
+    pattern: str  # re.search against "<exception class>: <message>"
+    reproducers: tuple[str, ...]  # file names in fuzz/corpus/<harness>/
+    summary: str
+    fix: str
+
+
+KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug(
+        ident="reset-owner-stale-call-fd",
+        harness="vhost_user",
+        pattern=r"host would signal call FD \d+, the session holds None"
+                r"|starts with call FD \d+ on the host but None",
+        reproducers=("bug-reset-owner-stale-call-fd", "bug-reset-owner-after-stop"),
+        summary="RESET_OWNER closes each ring's call eventfd but never tells the host, so "
+                "backend.server.Connection.call_fds keeps the closed FD number; a ring started "
+                "later without SET_VRING_CALL signals whatever file now has that number "
+                "(8 bytes written to it)",
+        fix="backend/session.py Session._reset_ring: call self.host.call_fd_changed(index, None) "
+            "when ring.call is not None (before closing it); or have "
+            "Connection.stop_ring/close forget call_fds",
+    ),
+    KnownBug(
+        ident="fdpass-lone-surrogate",
+        harness="fdpass",
+        pattern=r"does not re-encode: .* not valid Unicode",
+        reproducers=("bug-lone-surrogate",),
+        summary="decode_frame accepts JSON strings holding lone surrogates (\"\\ud800\"), which "
+                "encode_frame refuses, so the broker accepts a STATUS_REPLY/ERROR it cannot "
+                "re-encode, and UTF-8 logging or the admin socket's reply breaks on it",
+        fix="broker/fdpass.py _check_object: refuse a str field that does not encode as UTF-8 "
+            "(try item.encode('utf-8') and raise FrameError on UnicodeEncodeError)",
+    ),
+    KnownBug(
+        ident="policy-error-not-one-line",
+        harness="policy",
+        pattern=r"PolicyError is not one line|PolicyError carries control characters",
+        reproducers=("bug-newline-in-key", "bug-newline-in-image", "bug-escape-in-run-dir"),
+        summary="PolicyError messages embed keys, image names and paths from the file "
+                "unescaped, so a quoted key or string with \\n or an escape sequence gives a "
+                "multi-line error (log and terminal injection)",
+        fix="broker/policy.py: format file-supplied text with !r (or an escaping helper) in "
+            "_Table.done/get/name, _check_socket_path, _check_shared_images, and in the "
+            "ImageError messages of broker/images.py split_image_path",
+    ),
+    KnownBug(
+        ident="policy-line-regex-cubic",
+        harness="policy",
+        pattern=r"^SlowInput",
+        reproducers=("bug-long-blank-line",),
+        summary="_Source's _KEY regex r'\\s*([A-Za-z0-9_.\"\\' -]+?)\\s*=' backtracks "
+                "cubically on a line of spaces without '=': a valid 4 KiB policy (one long "
+                "blank or comment line) takes ~30 s to parse, a 64 KiB one hours; the broker "
+                "parses before checking the signature, on every reload",
+        fix="broker/policy.py _Source._KEY: drop the space from the key character class "
+            "(match dotted keys as r'\\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|\\'[^\\']*\\')"
+            "(?:\\s*\\.\\s*(?:...))*)\\s*='), or strip the line and skip blank/comment lines "
+            "before matching",
+    ),
+)
+
+
+def match(harness: str, exc: BaseException) -> KnownBug | None:
+    """The known bug `exc` (raised by `harness`'s check) is an instance of, if any."""
+    text = f"{type(exc).__name__}: {exc}"
+    for bug in KNOWN_BUGS:
+        if bug.harness == harness and re.search(bug.pattern, text):
+            return bug
+    return None
+
+
+def reproducers(harness: str) -> dict[str, KnownBug]:
+    """Corpus file name -> the known bug it reproduces, for one harness."""
+    return {name: bug for bug in KNOWN_BUGS if bug.harness == harness
+            for name in bug.reproducers}
