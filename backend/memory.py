@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from backend.vhost_user import MemRegion
 
 ADDRESS_LIMIT = 1 << 64
+# One front-end may not map more than this: a huge sparse memfd costs the backend address
+# space that every other VM it serves shares (Linux gives a process 128 TiB).
+MAX_GUEST_MEMORY = 1 << 40
 
 
 class GuestMemoryError(ValueError):
@@ -80,6 +83,10 @@ class GuestMemory:
     ) -> None:
         self._mappings: list[mmap.mmap] = []
         self.regions: list[MappedRegion] = []
+        total = sum(region.memory_size for region in regions)
+        if total > MAX_GUEST_MEMORY:
+            raise GuestMemoryError(f"memory table maps {total >> 30} GiB, over the "
+                                   f"{MAX_GUEST_MEMORY >> 30} GiB a front-end may map")
         try:
             for region, fd in zip(regions, fds, strict=True):
                 check_region_fd(fd, region, require_seal=require_seal)

@@ -9,6 +9,7 @@ inside one guest memory region. A violation raises `RingError`; the caller then 
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 
@@ -84,6 +85,13 @@ class SplitQueue:
             if addr % align:
                 raise RingError(f"{name} address {addr:#x} is not {align}-byte aligned")
         desc_len, avail_len, used_len = ring_sizes(num, event_idx)
+        areas = sorted([(desc_uva, desc_len, "descriptor table"), (avail_uva, avail_len,
+                        "avail ring"), (used_uva, used_len, "used ring")])
+        for (start, length, name), (next_start, _, next_name) in itertools.pairwise(areas):
+            if start + length > next_start:
+                # The device writes the used ring: overlapping it with what it reads would let
+                # completions rewrite descriptors and avail entries under the walker.
+                raise RingError(f"{name} and {next_name} overlap")
         try:
             self.desc = mem.uva(desc_uva, desc_len)
             self.avail = mem.uva(avail_uva, avail_len)

@@ -150,6 +150,14 @@ def test_misaligned_ring_is_a_ring_error(rig, ring, offset, name):
         rig.queue(**{ring: UVA + base + offset})
 
 
+@pytest.mark.parametrize("ring,other", [("used", "desc"), ("avail", "used"), ("desc", "avail")])
+def test_vring_areas_that_overlap_are_a_ring_error(rig, ring, other):
+    # The device writes the used ring; overlap would let completions rewrite what it reads.
+    base = {"desc": DESC_OFF, "avail": AVAIL_OFF, "used": USED_OFF}[other]
+    with pytest.raises(RingError, match="overlap"):
+        rig.queue(**{ring: UVA + base})
+
+
 @pytest.mark.parametrize("ring", ["desc", "avail", "used"])
 def test_ring_outside_guest_memory_is_a_ring_error(rig, ring):
     # Starts inside the region but runs past its end.
