@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import itertools
 import os
 import struct
 import sys
@@ -132,8 +133,10 @@ def ref_ring_ok(num: int, desc: int, avail: int, used: int, event_idx: bool) -> 
     if desc % 16 or avail % 2 or used % 4:
         return False
     sizes = ring_sizes(num, event_idx)
-    return all(memory().region_of(off, n) is not None
-               for off, n in zip((desc, avail, used), sizes, strict=True))
+    areas = sorted(zip((desc, avail, used), sizes, strict=True))
+    if any(start + n > next_start for (start, n), (next_start, _) in itertools.pairwise(areas)):
+        return False  # the device writes the used ring: no area may overlap another
+    return all(memory().region_of(off, n) is not None for off, n in areas)
 
 
 def ref_u16(gpa: int) -> int:
