@@ -28,6 +28,7 @@ Seeds include whole sessions recorded from QEMU (fuzz/record_traffic.py).
 from __future__ import annotations
 
 import copy
+import itertools
 import struct
 import sys
 from pathlib import Path
@@ -152,16 +153,19 @@ class FakeHost:
 
 
 def ring_fits(regions: tuple, num: int, addr, event_idx: bool) -> bool:
-    """What SplitQueue checks at start: size, alignment, each ring inside one region."""
+    """What SplitQueue checks at start: size, alignment, no overlap, each ring in one region."""
     if addr is None or num == 0 or num & (num - 1) or num > 32768:
         return False
     places = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
     if places[0] % 16 or places[1] % 2 or places[2] % 4:
         return False
+    areas = sorted(zip(places, ring_sizes(num, event_idx), strict=True))
+    if any(start + size > later for (start, size), (later, _) in itertools.pairwise(areas)):
+        return False
     return all(
         any(r.userspace_addr <= start and start + size <= r.userspace_addr + r.memory_size
             for r in regions)
-        for start, size in zip(places, ring_sizes(num, event_idx), strict=True)
+        for start, size in areas
     )
 
 

@@ -129,7 +129,7 @@ def chain_seeds() -> Seeds:
         "accept-wrapped-avail-index": ring(raw([(hdr, 16, N, 1), (status, 1, W, 0)],
                                                heads=[0, 0, 0], avail_idx=1),
                                            last_avail=0xFFFE),
-        "accept-rings-overlap-used-on-desc": ring(post(read_4k), used=0x0),
+        "reject-rings-overlap-used-on-desc": ring(post(read_4k), used=0x0),
         "reject-ring-size-not-power-of-2": ring(post(read_4k), size=12),
         "reject-ring-size-0": ring(post(read_4k), size=0),
         "reject-desc-misaligned": ring(post(read_4k), desc=0x8),

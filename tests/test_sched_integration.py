@@ -338,7 +338,11 @@ def test_iops_limited_vm_gets_its_limit_while_an_unlimited_vm_keeps_going(
         res = run_load(loads, LIMIT_SECONDS)
         assert res.errors == 0
         rate_limited, rate_free = (len(ld.latencies) / LIMIT_SECONDS for ld in loads)
-        assert abs(rate_limited - LIMIT_IOPS) <= 0.1 * LIMIT_IOPS, rate_limited
+        # Never above the limit. Below it only by what a CPU-starved backend cannot make up:
+        # the bucket holds 10 ms of slack, so time descheduled on a loaded 2-core host is lost
+        # (bench_sched measures the rate on a quiet host: within 5%).
+        assert rate_limited <= 1.05 * LIMIT_IOPS, rate_limited
+        assert rate_limited >= 0.8 * LIMIT_IOPS, rate_limited
         assert rate_free > 10 * rate_limited, (rate_free, rate_limited)
 
 
