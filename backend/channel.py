@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from broker.fdpass import TO_BACKEND, FrameError, Kind, recv_frame, send_frame
 from sandbox.confine import ConfinementError, confine
 
 log = logging.getLogger(__name__)
+
+Device = BlkDevice | NetDevice
 
 
 class BrokerChannel:
@@ -70,57 +73,61 @@ class BrokerChannel:
         }[frame.kind]
         handler(frame.fields, fds)
 
-    def _add_blk(self, fields: dict[str, Any], fds: list[int]) -> None:
-        listener_fd, image_fd = fds
-        key = (fields["vm"], fields["disk"])
-        name = f"vm {fields['vm']} disk{fields['disk']} ({fields['socket']})"
+    def _adopt(self, name: str, vm: str, listener_fd: int, device_fd: int,
+               build: Callable[[], Device]) -> tuple[Endpoint, Device] | None:
+        """Wrap a handed-over listening socket and device FD into an endpoint, or refuse both
+        (closing them and telling the broker why)."""
         listener = None
         try:
-            if key in self.devices:
-                raise ValueError("this device is already being served")
+            device = build()
             # Family and type given: Python would otherwise ask the kernel (getsockopt).
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=listener_fd)
-            device = BlkDevice(image_fd, readonly=fields["readonly"],
-                               num_queues=fields["num_queues"], serial=fields["serial"])
-            endpoint = Endpoint(name, listener, device, self.loop, vm=fields["vm"])
+            return Endpoint(name, listener, device, self.loop, vm=vm), device
         except (OSError, ValueError) as exc:
             log.error("%s: cannot serve: %s", name, exc)
             if listener is not None:
                 listener.close()
             else:
                 os.close(listener_fd)
-            os.close(image_fd)
-            send_frame(self.sock, Kind.ERROR, {"vm": fields["vm"], "message": str(exc)})
-            return
-        self.devices[key] = (endpoint, image_fd)
-        log.info("%s: serving (%d sectors, %s)", name, device.capacity,
-                 "read-only" if device.readonly else "read-write")
+            os.close(device_fd)
+            send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": str(exc)})
+            return None
+
+    def _add_blk(self, fields: dict[str, Any], fds: list[int]) -> None:
+        listener_fd, image_fd = fds
+        key = (fields["vm"], fields["disk"])
+        name = f"vm {fields['vm']} disk{fields['disk']} ({fields['socket']})"
+
+        def build() -> BlkDevice:
+            if key in self.devices:
+                raise ValueError("this device is already being served")
+            return BlkDevice(image_fd, readonly=fields["readonly"],
+                             num_queues=fields["num_queues"], serial=fields["serial"])
+
+        served = self._adopt(name, fields["vm"], listener_fd, image_fd, build)
+        if served is not None:
+            endpoint, device = served
+            self.devices[key] = (endpoint, image_fd)
+            log.info("%s: serving (%d sectors, %s)", name, device.capacity,
+                     "read-only" if device.readonly else "read-write")
 
     def _add_net(self, fields: dict[str, Any], fds: list[int]) -> None:
         listener_fd, tap_fd = fds
         key = (fields["vm"], fields["nic"])
         name = f"vm {fields['vm']} nic{fields['nic']} ({fields['socket']})"
-        listener = None
-        try:
+
+        def build() -> NetDevice:
             if key in self.nics:
                 raise ValueError("this NIC is already being served")
             if fields["queues"] != 1:
                 raise ValueError(f"{fields['queues']} queue pairs asked; 1 is supported")
             mac = bytes.fromhex(fields["mac"].replace(":", ""))
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=listener_fd)
-            device = NetDevice(tap_fd, mac=mac, mtu=fields["mtu"], name=name)
-            endpoint = Endpoint(name, listener, device, self.loop, vm=fields["vm"])
-        except (OSError, ValueError) as exc:
-            log.error("%s: cannot serve: %s", name, exc)
-            if listener is not None:
-                listener.close()
-            else:
-                os.close(listener_fd)
-            os.close(tap_fd)
-            send_frame(self.sock, Kind.ERROR, {"vm": fields["vm"], "message": str(exc)})
-            return
-        self.nics[key] = (endpoint, tap_fd)
-        log.info("%s: serving tap %s (mtu %d)", name, fields["tap"], fields["mtu"])
+            return NetDevice(tap_fd, mac=mac, mtu=fields["mtu"], name=name)
+
+        served = self._adopt(name, fields["vm"], listener_fd, tap_fd, build)
+        if served is not None:
+            self.nics[key] = (served[0], tap_fd)
+            log.info("%s: serving tap %s (mtu %d)", name, fields["tap"], fields["mtu"])
 
     def _remove_vm(self, fields: dict[str, Any], _fds: list[int]) -> None:
         for table in (self.devices, self.nics):
