@@ -80,6 +80,15 @@ def qsd_command(aio: str) -> Command:
     return build
 
 
+def machine_line() -> str:
+    """Host, kernel, CPUs, Python and QSD version: the context every figure needs."""
+    qsd_version = subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True
+    ).stdout.splitlines()[:1]
+    return (f"{platform.node()}  kernel {platform.release()}  {os.cpu_count()} CPUs  "
+            f"Python {platform.python_version()}  {' '.join(qsd_version)}")
+
+
 def ringfence_command(extra: Sequence[str] = ()) -> Command:
     """`ringfence dev` from this checkout (run with cwd=REPO), whatever is installed."""
 
@@ -346,13 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    qsd_version = subprocess.run(
-        ["qemu-storage-daemon", "--version"], capture_output=True, text=True
-    ).stdout.splitlines()[:1]
-    print(
-        f"\n{platform.node()}  kernel {platform.release()}  {os.cpu_count()} CPUs  "
-        f"Python {platform.python_version()}  {' '.join(qsd_version)}"
-    )
+    print(f"\n{machine_line()}")
     print(
         f"image {args.image_size >> 20} MiB page-cached raw, {args.seconds:g} s per case, "
         f"QSD aio={args.qsd_aio}\n"

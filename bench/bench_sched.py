@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bench.bench_blk import (  # noqa: E402
     WARMUP_S,
     _delta,
     _wait_for_sockets,
+    machine_line,
     parse_size,
     prepare_image,
     qsd_command,
@@ -503,14 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    qsd_version = subprocess.run(
-        ["qemu-storage-daemon", "--version"], capture_output=True, text=True
-    ).stdout.splitlines()[:1]
-    print(
-        f"{platform.node()}  kernel {platform.release()}  {os.cpu_count()} CPUs  "
-        f"Python {platform.python_version()}  {' '.join(qsd_version)}  1-min load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
-    )
+    print(f"{machine_line()}  1-min load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     print(
         f"{max(SCALE_VMS)} images of {args.image_size >> 20} MiB, page-cached raw; "
         f"{args.seconds:g} s per run after {WARMUP_S:g} s warm-up; one front-end process "
