@@ -361,6 +361,9 @@ class Session:
         ring = self.rings[index]
         if ring.started:
             self.host.stop_ring(index)
+        if ring.call is not None:
+            # The host signals this FD; tell it first, so it never holds a closed FD number.
+            self.host.call_fd_changed(index, None)
         for fd in (ring.kick, ring.call, ring.err):
             if fd is not None:
                 self.host.close_fd(fd)

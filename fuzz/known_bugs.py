@@ -24,20 +24,6 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        ident="reset-owner-stale-call-fd",
-        harness="vhost_user",
-        pattern=r"host would signal call FD \d+, the session holds None"
-                r"|starts with call FD \d+ on the host but None",
-        reproducers=("bug-reset-owner-stale-call-fd", "bug-reset-owner-after-stop"),
-        summary="RESET_OWNER closes each ring's call eventfd but never tells the host, so "
-                "backend.server.Connection.call_fds keeps the closed FD number; a ring started "
-                "later without SET_VRING_CALL signals whatever file now has that number "
-                "(8 bytes written to it)",
-        fix="backend/session.py Session._reset_ring: call self.host.call_fd_changed(index, None) "
-            "when ring.call is not None (before closing it); or have "
-            "Connection.stop_ring/close forget call_fds",
-    ),
-    KnownBug(
         ident="fdpass-lone-surrogate",
         harness="fdpass",
         pattern=r"does not re-encode: .* not valid Unicode",

@@ -673,6 +673,25 @@ def test_reset_owner_stops_rings_and_forgets_features(session, host):
     assert session.rings[0].num == 0
 
 
+def test_reset_owner_tells_the_host_the_call_fd_is_gone(session, host):
+    negotiate(session, protocol=False)
+    call = host.fd()
+    ok(session, msg(Request.SET_VRING_CALL, u64(0), (call,)))
+    start_ring(session, host)
+    ok(session, msg(Request.RESET_OWNER))
+    assert ("call_fd_changed", 0, None) in host.calls
+    assert host.closed.count(call) == 1
+    assert session.rings[0].call is None
+    assert host.calls.index(("call_fd_changed", 0, None)) > host.calls.index(("stop_ring", 0))
+
+
+def test_reset_owner_leaves_the_host_alone_for_a_ring_without_a_call_fd(session, host):
+    negotiate(session, protocol=False)
+    start_ring(session, host)
+    ok(session, msg(Request.RESET_OWNER))
+    assert not any(c[0] == "call_fd_changed" for c in host.calls)
+
+
 @pytest.mark.parametrize("request_type", [Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                                           Request.SET_VRING_ERR])
 def test_vring_fd_that_is_not_an_eventfd_is_refused_and_closed(request_type: Request) -> None:
