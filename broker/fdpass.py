@@ -156,6 +156,18 @@ def _check_object(schema: Mapping[str, Any], value: object, where: str) -> None:
                 raise FrameError(f"{field} is not an integer from 0 to {MAX_INT}")
         elif type(item) is not kind:
             raise FrameError(f"{field} is not a {kind.__name__}")
+        elif kind is str and not _is_utf8(item):
+            raise FrameError(f"{field} holds a lone surrogate: not valid Unicode")
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 encoder (nor
+    # encode_frame, nor the journal) accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def send_frame(sock: socket.socket, kind: Kind, fields: Mapping[str, Any],

@@ -24,17 +24,6 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        ident="fdpass-lone-surrogate",
-        harness="fdpass",
-        pattern=r"does not re-encode: .* not valid Unicode",
-        reproducers=("bug-lone-surrogate",),
-        summary="decode_frame accepts JSON strings holding lone surrogates (\"\\ud800\"), which "
-                "encode_frame refuses, so the broker accepts a STATUS_REPLY/ERROR it cannot "
-                "re-encode, and UTF-8 logging or the admin socket's reply breaks on it",
-        fix="broker/fdpass.py _check_object: refuse a str field that does not encode as UTF-8 "
-            "(try item.encode('utf-8') and raise FrameError on UnicodeEncodeError)",
-    ),
-    KnownBug(
         ident="policy-error-not-one-line",
         harness="policy",
         pattern=r"PolicyError is not one line|PolicyError carries control characters",

@@ -136,6 +136,24 @@ def test_malformed_frames_rejected(data: bytes, nfds: int, needle: str) -> None:
         decode_frame(data, nfds)
 
 
+@pytest.mark.parametrize(("data", "where"), [
+    (raw_frame(Kind.ERROR, b'{"vm":"web1","message":"\\ud800"}'), "ERROR.message"),
+    (raw_frame(Kind.ERROR, b'{"vm":"web1","message":"ok \\udfff then"}'), "ERROR.message"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [DEVICE, {**DEVICE, "vm": "\udc80"}]}),
+     "STATUS_REPLY.devices[1].vm"),
+])
+def test_string_with_a_lone_surrogate_is_refused_so_every_accepted_frame_re_encodes(
+        data: bytes, where: str) -> None:
+    with pytest.raises(FrameError, match=re.escape(f"{where} holds a lone surrogate")):
+        decode_frame(data, 0)
+
+
+def test_surrogate_pair_escape_is_one_valid_character() -> None:
+    frame = decode_frame(raw_frame(Kind.ERROR, b'{"vm":"web1","message":"\\ud83d\\ude00"}'), 0)
+    assert frame.fields["message"] == "\U0001F600"
+    assert decode_frame(encode_frame(Kind.ERROR, frame.fields), 0) == frame
+
+
 @pytest.mark.parametrize(("accept", "kind"), [(TO_BACKEND, Kind.READY),
                                               (TO_BROKER, Kind.ADD_BLK),
                                               (TO_BROKER, Kind.STOP)])
