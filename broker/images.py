@@ -26,6 +26,15 @@ class ImageError(Exception):
     """An image cannot be used; the message is one sentence naming the file and the fix."""
 
 
+def shown(text: str) -> str:
+    """`text` (a name or path from the policy) for a one-line message: as is when it is plain,
+    quoted and escaped (repr) when it is empty or has spaces, quotes or unprintable characters,
+    so that no file can put a line break or a terminal escape into an error or a log line."""
+    if text and text.isprintable() and not any(c.isspace() or c in "'\"" for c in text):
+        return text
+    return repr(text)
+
+
 def split_image_path(roots: Sequence[str], image: str) -> list[tuple[str, tuple[str, ...]]]:
     """The (root, components below it) pairs where `image` may live, in search order (pure).
 
@@ -39,16 +48,17 @@ def split_image_path(roots: Sequence[str], image: str) -> list[tuple[str, tuple[
     for part in parts:
         if part in ("", ".", ".."):
             what = "an empty" if part == "" else f"a {part!r}"
-            raise ImageError(f"image {image} has {what} component; name the file plainly below "
-                             "an image root, without '.', '..' or '//'")
+            raise ImageError(f"image {shown(image)} has {what} component; name the file "
+                             "plainly below an image root, without '.', '..' or '//'")
     if not image.startswith("/"):
         return [(root, parts) for root in roots]
     for root in roots:
         root_parts = tuple(root.strip("/").split("/"))
         if len(parts) > len(root_parts) and parts[: len(root_parts)] == root_parts:
             return [(root, parts[len(root_parts):])]
-    raise ImageError(f"image {image} is outside every image root ({', '.join(roots)}); move it "
-                     "below one or add its directory to broker.image_roots")
+    raise ImageError(f"image {shown(image)} is outside every image root "
+                     f"({', '.join(map(shown, roots))}); move it below one or add its directory "
+                     "to broker.image_roots")
 
 
 def open_image(roots: Sequence[str], image: str, *, readonly: bool) -> int:
@@ -61,14 +71,14 @@ def open_image(roots: Sequence[str], image: str, *, readonly: bool) -> int:
         if fd is not None:
             break
     else:
-        raise ImageError(f"image {image} was not found below any image root "
-                         f"({', '.join(roots)}); create it there or fix the policy")
+        raise ImageError(f"image {shown(image)} was not found below any image root "
+                         f"({', '.join(map(shown, roots))}); create it there or fix the policy")
     path = os.path.join(root, *parts)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
-            raise ImageError(f"image {path} is not a regular file or block device; point the "
-                             "policy at a disk image")
+            raise ImageError(f"image {shown(path)} is not a regular file or block device; "
+                             "point the policy at a disk image")
         os.set_blocking(fd, True)  # O_NONBLOCK was only there to make the open itself safe
         _lock(fd, path, readonly)
     except BaseException:
@@ -82,8 +92,8 @@ def _open_below(root: str, parts: tuple[str, ...], readonly: bool) -> int | None
     try:
         dir_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ImageError(f"image root {root} cannot be opened: {exc.strerror}; create it or fix "
-                         "broker.image_roots") from None
+        raise ImageError(f"image root {shown(root)} cannot be opened: {exc.strerror}; create it "
+                         "or fix broker.image_roots") from None
     try:
         for depth, part in enumerate(parts[:-1], 1):
             try:
@@ -115,10 +125,10 @@ def _refusal(dir_fd: int, part: str, path: str, exc: OSError) -> ImageError:
     except OSError:
         is_link = False
     if is_link:
-        return ImageError(f"image path {path} is a symlink, and images are never reached through "
-                          "symlinks; replace it with the real directory or file")
-    return ImageError(f"image path {path} cannot be opened: {exc.strerror}; check that it exists "
-                      "with the right type and permissions")
+        return ImageError(f"image path {shown(path)} is a symlink, and images are never reached "
+                          "through symlinks; replace it with the real directory or file")
+    return ImageError(f"image path {shown(path)} cannot be opened: {exc.strerror}; check that it "
+                      "exists with the right type and permissions")
 
 
 def _lock(fd: int, path: str, readonly: bool) -> None:
@@ -127,8 +137,8 @@ def _lock(fd: int, path: str, readonly: bool) -> None:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise ImageError(f"image {path} is locked by another VM or process; stop the other "
-                             "user, give this VM its own image, or make every use readonly"
+            raise ImageError(f"image {shown(path)} is locked by another VM or process; stop the "
+                             "other user, give this VM its own image, or make every use readonly"
                              ) from None
-        raise ImageError(f"image {path} cannot be locked: {exc.strerror}; keep images on a local "
-                         "filesystem that supports OFD locks") from None
+        raise ImageError(f"image {shown(path)} cannot be locked: {exc.strerror}; keep images on "
+                         "a local filesystem that supports OFD locks") from None

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.images import ImageError, split_image_path
+from broker.images import ImageError, shown, split_image_path
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _parse_vm(src: _Source, broker: BrokerSettings, groups: Mapping[str, Group],
     group = t.get("group", str)
     if group not in groups:
         raise t.error("group", f"vm {name} names group {group!r}, which has no "
-                      f"[groups.{group}] table; add one or fix the name")
+                      f"[groups.{shown(group)}] table; add one or fix the name")
     user = t.account("user")
     memory = t.size("memory", 256 * MiB)
     if memory % MiB:
@@ -318,7 +318,7 @@ def _check_shared_images(src: _Source, broker: BrokerSettings, vms: Mapping[str,
             for place in split_image_path(broker.image_roots, disk.image):
                 other = seen.get(place)
                 if other is not None and not (disk.readonly and other[1]):
-                    raise src.error(("vms", vm.name, "disks"), f"image {disk.image} of vm "
+                    raise src.error(("vms", vm.name, "disks"), f"image {shown(disk.image)} of vm "
                                     f"{vm.name} is also a disk of vm {other[0]}; give each VM "
                                     "its own image or set readonly = true on every use")
                 seen.setdefault(place, (vm.name, disk.readonly))
@@ -332,7 +332,7 @@ def _check_name(src: _Source, path: tuple[str, ...], what: str, name: str) -> No
 
 def _check_socket_path(src: _Source, socket_path: str) -> None:
     if len(os.fsencode(socket_path)) > SUN_PATH_MAX:
-        raise src.error(("broker", "run_dir"), f"socket path {socket_path} is longer than "
+        raise src.error(("broker", "run_dir"), f"socket path {shown(socket_path)} is longer than "
                         f"{SUN_PATH_MAX} bytes, the limit for unix sockets; choose a shorter "
                         "broker.run_dir")
 
@@ -463,8 +463,8 @@ class _Table:
 
     def done(self) -> None:
         for key in self.raw:
-            raise self.error(key, f"unknown key {self.name(key)}; remove it or fix its spelling "
-                             f"(known: {', '.join(self.known) or 'none'})")
+            raise self.error(key, f"unknown key {shown(self.name(key))}; remove it or fix its "
+                             f"spelling (known: {', '.join(self.known) or 'none'})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,19 +563,19 @@ def _load_trusted_key(path: str) -> Ed25519PublicKey:
             st = os.fstat(f.fileno())
             data = f.read()
     except OSError as exc:
-        raise PolicyError(f"trusted key {path} cannot be read: {exc.strerror}; fix "
+        raise PolicyError(f"trusted key {shown(path)} cannot be read: {exc.strerror}; fix "
                           "broker.trusted_keys or restore the key") from None
     # The key list comes from the policy itself: a key its editor could write proves nothing.
     if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-        raise PolicyError(f"trusted key {path} can be changed by users other than root; make it "
-                          "owned by root and not group- or world-writable")
+        raise PolicyError(f"trusted key {shown(path)} can be changed by users other than root; "
+                          "make it owned by root and not group- or world-writable")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, Ed25519PublicKey):
-        raise PolicyError(f"trusted key {path} is not a PEM Ed25519 public key; list the .pub "
-                          "file written by `ringfence policy keygen`")
+        raise PolicyError(f"trusted key {shown(path)} is not a PEM Ed25519 public key; list the "
+                          ".pub file written by `ringfence policy keygen`")
     return key
 
 

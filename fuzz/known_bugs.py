@@ -24,18 +24,6 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        ident="policy-error-not-one-line",
-        harness="policy",
-        pattern=r"PolicyError is not one line|PolicyError carries control characters",
-        reproducers=("bug-newline-in-key", "bug-newline-in-image", "bug-escape-in-run-dir"),
-        summary="PolicyError messages embed keys, image names and paths from the file "
-                "unescaped, so a quoted key or string with \\n or an escape sequence gives a "
-                "multi-line error (log and terminal injection)",
-        fix="broker/policy.py: format file-supplied text with !r (or an escaping helper) in "
-            "_Table.done/get/name, _check_socket_path, _check_shared_images, and in the "
-            "ImageError messages of broker/images.py split_image_path",
-    ),
-    KnownBug(
         ident="policy-line-regex-cubic",
         harness="policy",
         pattern=r"^SlowInput",

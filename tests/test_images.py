@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.images import ImageError, open_image, split_image_path
+from broker.images import ImageError, open_image, shown, split_image_path
 
 
 @pytest.fixture
@@ -211,3 +211,42 @@ def test_split_image_path_lists_the_candidate_places() -> None:
     roots = ["/a", "/b/c"]
     assert split_image_path(roots, "x/y.raw") == [("/a", ("x", "y.raw")), ("/b/c", ("x", "y.raw"))]
     assert split_image_path(roots, "/b/c/y.raw") == [("/b/c", ("y.raw",))]
+
+
+def one_line(message: str) -> None:
+    assert len(message.splitlines()) == 1, message
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in message), message
+
+
+@pytest.mark.parametrize(("image", "needle"), [
+    ("/etc/x\ny", r"image '/etc/x\ny' is outside every image root (/a, '/b\x1b[2J')"),
+    ("x/\x1b]0;owned\x07/../y", r"image 'x/\x1b]0;owned\x07/../y' has a '..' component"),
+    ("x\u2028//y", r"image 'x\u2028//y' has an empty component"),
+])
+def test_image_names_from_the_policy_are_escaped_so_each_error_is_one_line(
+        image: str, needle: str) -> None:
+    with pytest.raises(ImageError) as info:
+        split_image_path(["/a", "/b\x1b[2J"], image)
+    one_line(str(info.value))
+    assert needle in str(info.value)
+
+
+def test_paths_opened_below_a_root_are_escaped_in_errors(root: Path) -> None:
+    odd = root / "odd\ndir"
+    odd.mkdir()
+    message = refused([str(root)], "odd\ndir", readonly=True)
+    one_line(message)
+    assert f"image {str(odd)!r} is not a regular file" in message
+    gone = f"{root}/gone\r"
+    message = refused([gone], "web1.raw")
+    one_line(message)
+    assert f"image root {gone!r} cannot be opened" in message
+
+
+def test_shown_leaves_plain_names_alone_and_quotes_everything_else() -> None:
+    assert shown("/srv/images/web1.raw") == "/srv/images/web1.raw"
+    assert shown("Größe.raw") == "Größe.raw"
+    assert shown("my disk.raw") == "'my disk.raw'"
+    assert shown("it's") == '"it\'s"'
+    assert shown("") == "''"
+    assert shown("a\nb\x1b[0m\x85") == r"'a\nb\x1b[0m\x85'"

@@ -361,6 +361,56 @@ def test_run_dir_too_long_for_socket_paths_refused() -> None:
     assert "longer than 107 bytes" in message and f"line {line_of(text, 'run_dir')}:" in message
 
 
+def one_line(message: str) -> None:
+    assert len(message.splitlines()) == 1, message
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in message), message
+
+
+@pytest.mark.parametrize(("old", "new", "shown"), [
+    # A quoted key can hold any character: the unknown-key error shows it escaped.
+    ('seccomp = "log"', 'seccomp = "log"\n"a\\nb" = 1', r"unknown key 'broker.a\nb'"),
+    ('[groups.tenant-b]', '[groups.tenant-b]\n"\\u001b[2J" = 1',
+     r"unknown key 'groups.tenant-b.\x1b[2J'"),
+    # An image name travels into split_image_path's ImageError.
+    ('image = "web1.raw"', 'image = "/etc/x\\ny"', r"image '/etc/x\ny' is outside"),
+    ('image = "web1.raw"', 'image = "a\\r/../b"', r"image 'a\r/../b' has a '..' component"),
+    # And the run_dir, in the socket paths derived from it.
+    ('"/run/rf"', '"/run/\\u001b[31m' + "r" * 90 + '"', r"socket path '/run/\x1b[31mrrr"),
+    # A group name that is not declared.
+    ('group = "tenant-b"', 'group = "x\\u2028y"', r"names group 'x\u2028y'"),
+])
+def test_file_supplied_text_in_errors_is_escaped_so_each_error_is_one_line(
+        old: str, new: str, shown: str) -> None:
+    text = EXAMPLE.replace(old, new, 1)
+    assert text != EXAMPLE
+    message = refusal(text)
+    one_line(message)
+    assert shown in message
+
+
+def test_image_roots_listed_in_an_error_are_escaped() -> None:
+    text = EXAMPLE.replace('"/srv/more"', '"/srv/mo\\u0085re"')
+    text = text.replace('image = "web1.raw"', 'image = "/etc/shadow"')
+    message = refusal(text)
+    one_line(message)
+    assert r"image /etc/shadow is outside every image root (/srv/images, '/srv/mo\x85re')" \
+        in message
+
+
+def test_shared_image_with_a_newline_in_its_name_is_reported_on_one_line() -> None:
+    text = EXAMPLE.replace('{ image = "web1.raw", readonly = false }',
+                           '{ image = "we\\nb1.raw", readonly = false }')
+    text = text.replace('{ image = "base.iso", readonly = true }', '{ image = "we\\nb1.raw" }')
+    message = refusal(text)
+    one_line(message)
+    assert r"image 'we\nb1.raw' of vm db1 is also a disk of vm web1" in message
+
+
+def test_plain_names_in_errors_are_shown_without_quotes() -> None:
+    assert "unknown key vms.web1.networks;" in refusal(
+        EXAMPLE.replace('num_queues = 2', 'num_queues = 2\nnetworks = 1'))
+
+
 # --- keys and signatures ----------------------------------------------------------------------
 
 
@@ -492,6 +542,17 @@ def test_missing_trusted_key_refused(tmp_path: Path, keys: tuple[str, str]) -> N
     os.unlink(keys[1])
     with pytest.raises(PolicyError, match=r"trusted key .* cannot be read: No such file"):
         load_policy(path)
+
+
+def test_trusted_key_path_from_the_policy_is_escaped_in_its_error(tmp_path: Path) -> None:
+    # The key list comes from the policy file itself, read before anything verifies it.
+    path = write_policy(tmp_path, "/etc/rf/o\\nps.pub")
+    Path(path + ".sig").write_bytes(base64.b64encode(bytes(64)) + b"\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    message = str(info.value)
+    one_line(message)
+    assert message.startswith(r"trusted key '/etc/rf/o\nps.pub' cannot be read: ")
 
 
 def test_sign_refuses_an_invalid_policy(tmp_path: Path, keys: tuple[str, str]) -> None:
