@@ -100,6 +100,9 @@ class SharedDispatcher:
         self.clock = clock
         self.rings: set[Ring] = set()
         self.polling: dict[Ring, None] = {}
+        # The polled rings whose last look found nothing pending: between batches only these
+        # are looked at, since only an idle ring becoming busy changes a turn's contention.
+        self.idle_polled: dict[Ring, None] = {}
         self.vm_refs: collections.Counter[str] = collections.Counter()
 
     # --- VMs and rings -------------------------------------------------------------------------
@@ -136,6 +139,7 @@ class SharedDispatcher:
         if ring in self.rings:
             self.rings.discard(ring)
             self.polling.pop(ring, None)
+            self.idle_polled.pop(ring, None)
             if ring.runtime.polling:
                 ring.runtime.polling = False
                 ring.queue.set_kicks(True)  # whoever serves the ring next expects kicks
@@ -194,6 +198,7 @@ class SharedDispatcher:
                     runtime.polling = False
                     runtime.sleep_at = now
                     del self.polling[ring]
+                    self.idle_polled.pop(ring, None)
         except RingError as exc:
             ring.conn.fail_ring(ring, str(exc))
             return
@@ -203,12 +208,17 @@ class SharedDispatcher:
                 queue.set_kicks(False)
                 runtime.polling = True
                 self.polling[ring] = None
+            else:
+                self.idle_polled.pop(ring, None)
             runtime.noticed(pending, now)
+        elif runtime.polling:
+            self.idle_polled[ring] = None
         self.scheduler.set_pending(ring, pending, now)
 
     def _serve(self, now: int) -> None:
         sched = self.scheduler
         clock = self.clock
+        idle_polled = self.idle_polled
         served = 0
         while served < LOOP_BUDGET:
             ring = sched.select_queue_to_process(now)
@@ -245,13 +255,15 @@ class SharedDispatcher:
                 sched.account(ring, done, nbytes, now)
                 if pending:
                     runtime.noticed(pending, now)
+                    idle_polled.pop(ring, None)
+                elif runtime.polling:
+                    idle_polled[ring] = None
                 sched.set_pending(ring, pending, now)
                 served += done
-                # Rings the scheduler already knows to be busy need no look: only an idle
-                # ring becoming busy changes whether this turn is contended.
-                for other in list(self.polling):
-                    if other is not ring and not sched.pending(other):
-                        self._look(other, now)
+                if idle_polled:
+                    for other in list(idle_polled):
+                        if other is not ring:
+                            self._look(other, now)
                 if ring not in self.rings or sched.should_change_queue(ring, now):
                     break
 

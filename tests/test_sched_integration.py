@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from backend.dispatch import BATCH as BATCH_SIZE
 from backend.dispatch import MAX_POLL_NS, RingRuntime, SharedDispatcher
 from backend.scheduler import Qos
 from tests.devproc import DevBackend, wait_until
@@ -317,6 +318,48 @@ def test_dispatcher_re_checks_the_ring_after_turning_kicks_back_on() -> None:
         dispatcher.run()  # without the re-check the ring now sleeps with a request pending
         assert queue.pending() == 0, "request made available as kicks came back on was lost"
         clock[0] += 1
+
+
+def test_work_arriving_on_an_idle_polled_ring_ends_a_long_turn_elsewhere() -> None:
+    """Between batches the dispatcher looks at the polled rings that had nothing pending (their
+    kicks are off, so only a look can find new work) and the scheduler cuts the busy ring's
+    turn to its quantum; rings it knows to be busy need no look."""
+    clock = [0]
+    dispatcher = SharedDispatcher(clock=lambda: clock[0])
+    busy, quiet = RacingQueue(), RacingQueue()
+    busy_ring, quiet_ring = FakeRing(busy), FakeRing(quiet)
+    for ring in (busy_ring, quiet_ring):
+        ring.conn.endpoint.vm = ring  # one VM per ring: fair queuing between them
+        dispatcher.add_vm(ring, Qos())  # type: ignore[arg-type]
+        dispatcher.attach(ring)  # type: ignore[arg-type]
+    quiet.avail = 1
+    dispatcher.kicked(quiet_ring)  # type: ignore[arg-type]
+    dispatcher.run()  # served: the quiet ring now polls with nothing pending
+    assert quiet.pending() == 0 and quiet_ring in dispatcher.idle_polled
+
+    class PostsDuringTurn(CountingDevice):
+        def serve_batch(self, queue: RacingQueue, budget: int) -> int:
+            if not quiet.avail - 1:
+                quiet.avail += 1  # the quiet guest posts, without a kick, during the first batch
+            return super().serve_batch(queue, budget)
+
+    class RecordsWhen(CountingDevice):
+        busy_taken: int | None = None
+
+        def serve_batch(self, queue: RacingQueue, budget: int) -> int:
+            self.busy_taken = busy.taken
+            return super().serve_batch(queue, budget)
+
+    busy_ring.conn.endpoint.device = PostsDuringTurn()
+    quiet_ring.conn.endpoint.device = recorder = RecordsWhen()
+    busy.avail = 10_000
+    dispatcher.kicked(busy_ring)  # type: ignore[arg-type]
+    dispatcher.run()
+    assert quiet.pending() == 0, "work on the idle polled ring waited for the loop budget"
+    # Served once the busy ring's turn reached its quantum (32), not after a full turn (256).
+    assert recorder.busy_taken is not None and recorder.busy_taken <= 2 * BATCH_SIZE, \
+        recorder.busy_taken
+    assert busy_ring not in dispatcher.idle_polled
 
 
 # -------------------------------------------------------------------------------- limits
