@@ -45,6 +45,7 @@ BURST_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)x")
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MiB = 1 << 20
 MAX_QUEUES = 64
+MAX_NIC_QUEUES = 8  # queue pairs per NIC: one tap queue and FD each (broker.taps.MAX_QUEUES)
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the terminating NUL
 PRIORITIES = ("low", "normal", "high")
 SECCOMP_ACTIONS = ("kill", "log")
@@ -271,9 +272,9 @@ def _parse_nic(t: _Table) -> Nic:
     if not MIN_MTU <= mtu <= MAX_MTU:
         raise t.error("mtu", f"{t.label}.mtu is {mtu}; use {MIN_MTU} to {MAX_MTU}")
     queues = t.get("queues", int, 1)
-    if queues != 1:
-        raise t.error("queues", f"{t.label}.queues is {queues}; only 1 queue pair is supported "
-                      "so far")
+    if not 1 <= queues <= MAX_NIC_QUEUES:
+        raise t.error("queues", f"{t.label}.queues is {queues}; use 1 to {MAX_NIC_QUEUES} queue "
+                      "pairs")
     t.done()
     return Nic(tap, bridge, mac.lower(), mtu, queues)
 

@@ -677,6 +677,12 @@ def test_nic_settings_are_read() -> None:
     assert policy.vms["web1"].nics == (Nic("t0", "br0.100", "52:54:00:ab:cd:ef", 9000, 1),)
 
 
+def test_nic_queue_pairs_up_to_eight_are_accepted() -> None:
+    policy = parse(nic_policy('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", '
+                              'queues = 8 }'))
+    assert policy.vms["web1"].nics[0].queues == 8
+
+
 @pytest.mark.parametrize(("nic", "needle"), [
     ('{ tap = "rf-web1-verylong0", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
     ('{ tap = "Tap0", bridge = "br0", mac = "52:54:00:12:34:56" }', ".tap is"),
@@ -688,7 +694,9 @@ def test_nic_settings_are_read() -> None:
     ('{ tap = "t0", bridge = "br0", mac = "00:00:00:00:00:00" }', "multicast or zero"),
     ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", mtu = 67 }', "mtu is 67"),
     ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", mtu = 65501 }', "mtu is 65501"),
-    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", queues = 2 }', "queues is 2"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", queues = 0 }', "queues is 0"),
+    ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", queues = 9 }',
+     "queues is 9; use 1 to 8"),
     ('{ tap = "t0", bridge = "br0", mac = "52:54:00:12:34:56", vlan = 2 }',
      "unknown key vms.web1.nics[0].vlan"),
     ('{ tap = "t0", mac = "52:54:00:12:34:56" }', "bridge is missing"),
