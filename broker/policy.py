@@ -341,9 +341,14 @@ def _check_socket_path(src: _Source, socket_path: str) -> None:
 class _Source:
     """The policy's text, to name the line where a semantic error can be found."""
 
-    _HEADER = re.compile(r"\s*\[\[?\s*([^\[\]#]+?)\s*\]\]?\s*(?:#.*)?")
-    _KEY = re.compile(r"\s*([A-Za-z0-9_.\"' -]+?)\s*=")
-    _KEY_PART = re.compile(r"""\s*("[^"]*"|'[^']*'|[^."'\s]+)\s*""")  # bare or quoted
+    # TOML keys, each part bare or quoted. No two pieces of these patterns can match the same
+    # characters (bare parts, quotes, dots and blanks are told apart by their first character),
+    # so a match attempt backtracks at most once per character: linear time on any line.
+    _PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+    _DOTTED = rf"{_PART}(?:[ \t]*\.[ \t]*{_PART})*"
+    _HEADER = re.compile(rf"\[\[?[ \t]*({_DOTTED})[ \t]*\]\]?[ \t]*(?:#.*)?")
+    _KEY = re.compile(rf"({_DOTTED})[ \t]*=")
+    _KEY_PART = re.compile(_PART)
 
     def __init__(self, name: str, text: str) -> None:
         self.name = name
@@ -351,6 +356,9 @@ class _Source:
         self.lines: dict[tuple[str, ...], int] = {}
         table: tuple[str, ...] = ()
         for number, line in enumerate(text.splitlines(), 1):
+            line = line.lstrip(" \t")
+            if not line or line.startswith("#"):
+                continue
             if header := self._HEADER.fullmatch(line):
                 table = self._parts(header[1])
                 self.lines.setdefault(table, number)
@@ -359,7 +367,8 @@ class _Source:
 
     @classmethod
     def _parts(cls, dotted: str) -> tuple[str, ...]:
-        return tuple(part.strip("\"'") for part in cls._KEY_PART.findall(dotted))
+        return tuple(part[1:-1] if part[0] in "\"'" else part
+                     for part in cls._KEY_PART.findall(dotted))
 
     def error(self, path: tuple[str, ...], message: str) -> PolicyError:
         """`message` ("what; what to do") located at `path`, or at its closest enclosing table."""

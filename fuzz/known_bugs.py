@@ -22,22 +22,8 @@ class KnownBug:
     fix: str
 
 
-KNOWN_BUGS: tuple[KnownBug, ...] = (
-    KnownBug(
-        ident="policy-line-regex-cubic",
-        harness="policy",
-        pattern=r"^SlowInput",
-        reproducers=("bug-long-blank-line",),
-        summary="_Source's _KEY regex r'\\s*([A-Za-z0-9_.\"\\' -]+?)\\s*=' backtracks "
-                "cubically on a line of spaces without '=': a valid 4 KiB policy (one long "
-                "blank or comment line) takes ~30 s to parse, a 64 KiB one hours; the broker "
-                "parses before checking the signature, on every reload",
-        fix="broker/policy.py _Source._KEY: drop the space from the key character class "
-            "(match dotted keys as r'\\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|\\'[^\\']*\\')"
-            "(?:\\s*\\.\\s*(?:...))*)\\s*='), or strip the line and skip blank/comment lines "
-            "before matching",
-    ),
-)
+# None at the moment: every bug found so far is fixed, and its reproducer is a regression seed.
+KNOWN_BUGS: tuple[KnownBug, ...] = ()
 
 
 def match(harness: str, exc: BaseException) -> KnownBug | None:

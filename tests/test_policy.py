@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from broker.policy import (
     vm_socket_dir,
 )
 from broker.policy_cli import add_policy_commands
+from fuzz._harness import time_limit
 
 ROOT = "/srv/images"
 
@@ -409,6 +411,30 @@ def test_shared_image_with_a_newline_in_its_name_is_reported_on_one_line() -> No
 def test_plain_names_in_errors_are_shown_without_quotes() -> None:
     assert "unknown key vms.web1.networks;" in refusal(
         EXAMPLE.replace('num_queues = 2', 'num_queues = 2\nnetworks = 1'))
+
+
+@pytest.mark.parametrize("line", [" " * 65536, "#" + " " * 65535, "\t " * 32768 + "# x",
+                                  'append2 = "' + " " * 65536 + '"'])
+def test_a_64_kib_blank_comment_or_key_line_parses_in_well_under_a_second(line: str) -> None:
+    # The broker parses before checking the signature; a cubic key regex once took hours here.
+    text = EXAMPLE.replace("[groups.tenant-a]", line + "\n[groups.tenant-a]")
+    start = time.perf_counter()
+    with time_limit(10.0):  # CPU seconds: a regression fails here instead of hanging the run
+        if line.startswith("append2"):
+            assert "unknown key broker.append2" in refusal(text)
+        else:
+            parse(text)
+    assert time.perf_counter() - start < 1.0  # a few milliseconds; generous so it never flakes
+
+
+def test_quoted_keys_and_dotted_tables_still_name_their_line() -> None:
+    text = EXAMPLE.replace('num_queues = 2', 'num_queues = 2\n\n  "net.works"  = 1')
+    message = refusal(text)
+    assert "unknown key vms.web1.net.works;" in message
+    assert f"line {line_of(text, 'net.works')}:" in message
+    text = EXAMPLE.replace('[vms.db1]', '[ vms . "db1" ]  # the database').replace(
+        'user = 2001', 'user = 2001\nspeed = 1')
+    assert f"line {line_of(text, 'speed')}:" in refusal(text)
 
 
 # --- keys and signatures ----------------------------------------------------------------------
