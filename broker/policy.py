@@ -355,8 +355,10 @@ class _Source:
         # Best effort, not a second TOML parser: the first line that defines each table or key.
         self.lines: dict[tuple[str, ...], int] = {}
         table: tuple[str, ...] = ()
-        for number, line in enumerate(text.splitlines(), 1):
-            line = line.lstrip(" \t")
+        # TOML ends lines only at \n (or \r\n); str.splitlines would also split at U+2028,
+        # \x85 and others inside comments and strings and so misnumber every line after them.
+        for number, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r").lstrip(" \t")
             if not line or line.startswith("#"):
                 continue
             if header := self._HEADER.fullmatch(line):

@@ -427,6 +427,17 @@ def test_a_64_kib_blank_comment_or_key_line_parses_in_well_under_a_second(line: 
     assert time.perf_counter() - start < 1.0  # a few milliseconds; generous so it never flakes
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_line_numbers_count_only_toml_newlines(newline: str) -> None:
+    """U+2028 and \\x85 inside a comment end no TOML line, so they must not shift the line an
+    error names; CRLF files number their lines like LF ones."""
+    text = EXAMPLE.replace("num_queues = 2", "num_queues = 2 # a\u2028b\x85c\nbogus = 1")
+    text = text.replace("\n", newline)
+    line = text.split(newline).index("bogus = 1") + 1
+    message = refusal(text)
+    assert f":{line}:" in message or f"line {line}" in message, message
+
+
 def test_quoted_keys_and_dotted_tables_still_name_their_line() -> None:
     text = EXAMPLE.replace('num_queues = 2', 'num_queues = 2\n\n  "net.works"  = 1')
     message = refusal(text)
