@@ -1,9 +1,9 @@
 """The confined backend's side of the broker channel: devices arrive as FDs, never as paths.
 
 The broker sends ADD_BLK with a listening vhost-user socket and an open image, and ADD_NET with
-a listening socket and an open tap; the backend wraps them in an `Endpoint` on its one event
-loop. It cannot open anything itself, so every
-device it serves is one the broker granted. Channel EOF means the broker is gone: shut down.
+a listening socket and an open tap (one FD per queue pair); the backend wraps them in an
+`Endpoint` on its one event loop. It cannot open anything itself, so every device it serves is
+one the broker granted. Channel EOF means the broker is gone: shut down.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class BrokerChannel:
         self.group = group
         # (vm, disk) -> (endpoint, image fd)
         self.devices: dict[tuple[str, int], tuple[Endpoint, int]] = {}
-        # (vm, nic) -> (endpoint, tap fd)
-        self.nics: dict[tuple[str, int], tuple[Endpoint, int]] = {}
+        # (vm, nic) -> (endpoint, tap queue fds)
+        self.nics: dict[tuple[str, int], tuple[Endpoint, list[int]]] = {}
         sock.setblocking(False)
         loop.register(sock.fileno(), select.EPOLLIN, self.on_readable)
 
@@ -73,10 +73,10 @@ class BrokerChannel:
         }[frame.kind]
         handler(frame.fields, fds)
 
-    def _adopt(self, name: str, vm: str, listener_fd: int, device_fd: int,
+    def _adopt(self, name: str, vm: str, listener_fd: int, device_fds: list[int],
                build: Callable[[], Device]) -> tuple[Endpoint, Device] | None:
-        """Wrap a handed-over listening socket and device FD into an endpoint, or refuse both
-        (closing them and telling the broker why)."""
+        """Wrap a handed-over listening socket and device FDs into an endpoint, or refuse them
+        all (closing them and telling the broker why)."""
         listener = None
         try:
             device = build()
@@ -89,7 +89,8 @@ class BrokerChannel:
                 listener.close()
             else:
                 os.close(listener_fd)
-            os.close(device_fd)
+            for fd in device_fds:
+                os.close(fd)
             send_frame(self.sock, Kind.ERROR, {"vm": vm, "message": str(exc)})
             return None
 
@@ -104,7 +105,7 @@ class BrokerChannel:
             return BlkDevice(image_fd, readonly=fields["readonly"],
                              num_queues=fields["num_queues"], serial=fields["serial"])
 
-        served = self._adopt(name, fields["vm"], listener_fd, image_fd, build)
+        served = self._adopt(name, fields["vm"], listener_fd, [image_fd], build)
         if served is not None:
             endpoint, device = served
             self.devices[key] = (endpoint, image_fd)
@@ -112,30 +113,34 @@ class BrokerChannel:
                      "read-only" if device.readonly else "read-write")
 
     def _add_net(self, fields: dict[str, Any], fds: list[int]) -> None:
-        listener_fd, tap_fd = fds
+        listener_fd, *tap_fds = fds  # one tap queue per pair: recv_frame checked the count
         key = (fields["vm"], fields["nic"])
         name = f"vm {fields['vm']} nic{fields['nic']} ({fields['socket']})"
 
         def build() -> NetDevice:
             if key in self.nics:
                 raise ValueError("this NIC is already being served")
-            if fields["queues"] != 1:
-                raise ValueError(f"{fields['queues']} queue pairs asked; 1 is supported")
             mac = bytes.fromhex(fields["mac"].replace(":", ""))
-            return NetDevice(tap_fd, mac=mac, mtu=fields["mtu"], name=name)
+            return NetDevice(tap_fds, mac=mac, mtu=fields["mtu"], name=name, tap=fields["tap"])
 
-        served = self._adopt(name, fields["vm"], listener_fd, tap_fd, build)
+        served = self._adopt(name, fields["vm"], listener_fd, tap_fds, build)
         if served is not None:
-            self.nics[key] = (served[0], tap_fd)
-            log.info("%s: serving tap %s (mtu %d)", name, fields["tap"], fields["mtu"])
+            self.nics[key] = (served[0], tap_fds)
+            log.info("%s: serving tap %s (mtu %d, %d queue pair%s)", name, fields["tap"],
+                     fields["mtu"], len(tap_fds), "" if len(tap_fds) == 1 else "s")
 
     def _remove_vm(self, fields: dict[str, Any], _fds: list[int]) -> None:
-        for table in (self.devices, self.nics):
-            for key in [k for k in table if k[0] == fields["vm"]]:
-                endpoint, fd = table.pop(key)
-                endpoint.close()
+        for key in [k for k in self.devices if k[0] == fields["vm"]]:
+            endpoint, fd = self.devices.pop(key)
+            endpoint.close()
+            os.close(fd)
+            log.info("%s: removed", endpoint.name)
+        for key in [k for k in self.nics if k[0] == fields["vm"]]:
+            endpoint, fds = self.nics.pop(key)
+            endpoint.close()
+            for fd in fds:
                 os.close(fd)
-                log.info("%s: removed", endpoint.name)
+            log.info("%s: removed", endpoint.name)
 
     def _set_qos(self, fields: dict[str, Any], _fds: list[int]) -> None:
         vm = fields["vm"]
@@ -168,7 +173,9 @@ class BrokerChannel:
                 "p999_us": latency.percentile(99.9) // 1000,
                 "throttled_ms": self.loop.dispatcher.throttled_ns(vm) // 1_000_000,
             })
-        send_frame(self.sock, Kind.STATUS_REPLY, {"devices": devices})
+        nics = [nic_status(vm, nic, endpoint)
+                for (vm, nic), (endpoint, _fds) in sorted(self.nics.items())]
+        send_frame(self.sock, Kind.STATUS_REPLY, {"devices": devices, "nics": nics})
 
     def _stop(self, _fields: dict[str, Any], _fds: list[int]) -> None:
         log.info("group %s: stop requested by the broker", self.group)
@@ -179,6 +186,27 @@ class BrokerChannel:
             self._remove_vm({"vm": vm}, [])
         self.loop.unregister(self.sock.fileno())
         self.sock.close()
+
+
+def nic_status(vm: str, nic: int, endpoint: Endpoint) -> dict[str, Any]:
+    """One NIC's entry of STATUS_REPLY: the device's frame counters and its rings' kicks and
+    interrupts over the endpoint's life (all front-ends it served)."""
+    device = endpoint.device
+    if not isinstance(device, NetDevice):
+        raise TypeError(f"{endpoint.name} is not a NIC")
+    counters = device.counters
+    rings = [r.stats for r in endpoint.runtimes.values()]
+    return {
+        "vm": vm, "nic": nic, "socket": endpoint.name, "tap": device.tap_name,
+        "connected": endpoint.connection is not None, "queues": len(device.pairs),
+        "tx_frames": counters.tx_frames, "tx_bytes": counters.tx_bytes,
+        "rx_frames": counters.rx_frames, "rx_bytes": counters.rx_bytes,
+        "tx_dropped": counters.tx_dropped, "rx_dropped": counters.rx_dropped,
+        "kicks": sum(r.kicks for r in rings), "interrupts": sum(r.interrupts for r in rings),
+        "drops": [{"reason": reason, "count": count}
+                  for reason, count in sorted(counters.drop_reasons.items())],
+        "pairs": [{"rx_frames": p.rx_frames, "tx_frames": p.tx_frames} for p in device.pairs],
+    }
 
 
 def serve_for_broker(

@@ -61,36 +61,41 @@ class NetExport:
     tap: str
     mac: bytes
     mtu: int
+    queues: int = 1  # queue pairs: a multi-queue tap with one FD per pair when more than 1
 
 
 DEFAULT_DEV_MAC = "52:54:00:12:34:56"
 
 
 def parse_net_exports(specs: Sequence[str]) -> list[NetExport]:
-    """`SOCKET=TAP[,mac=52:54:00:12:34:56][,mtu=1500]` -> NetExport."""
-    from broker.taps import TapError, check_tap_name, parse_mac
+    """`SOCKET=TAP[,mac=52:54:00:12:34:56][,mtu=1500][,queues=N]` -> NetExport."""
+    from broker.taps import MAX_QUEUES, TapError, check_tap_name, parse_mac
 
     exports = []
     for spec in specs:
         sock_path, sep, rest = spec.partition("=")
         tap, *options = rest.split(",")
         if not sep or not sock_path or not tap:
-            raise UsageError(f"--net {spec!r} must be SOCKET=TAP[,mac=MAC][,mtu=N]")
-        settings = {"mac": DEFAULT_DEV_MAC, "mtu": "1500"}
+            raise UsageError(f"--net {spec!r} must be SOCKET=TAP[,mac=MAC][,mtu=N][,queues=N]")
+        settings = {"mac": DEFAULT_DEV_MAC, "mtu": "1500", "queues": "1"}
         for option in options:
             key, _, value = option.partition("=")
             if key not in settings:
-                raise UsageError(f"--net {spec!r}: unknown setting {key!r}; use mac or mtu")
+                raise UsageError(f"--net {spec!r}: unknown setting {key!r}; use mac, mtu or "
+                                 "queues")
             settings[key] = value
         try:
             check_tap_name(tap)
             mac = parse_mac(settings["mac"])
             mtu = int(settings["mtu"])
+            queues = int(settings["queues"])
         except (TapError, ValueError) as exc:
             raise UsageError(f"--net {spec!r}: {exc}") from None
         if not 68 <= mtu <= 65500:
             raise UsageError(f"--net {spec!r}: mtu {mtu} must be from 68 to 65500")
-        exports.append(NetExport(os.path.abspath(sock_path), tap, mac, mtu))
+        if not 1 <= queues <= MAX_QUEUES:
+            raise UsageError(f"--net {spec!r}: queues {queues} must be from 1 to {MAX_QUEUES}")
+        exports.append(NetExport(os.path.abspath(sock_path), tap, mac, mtu, queues))
     return exports
 
 
@@ -195,7 +200,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     loop = Loop(args.model, Scheduler(latency_target_ns=args.latency_target_us * 1000))
     endpoints: list[Endpoint] = []
     image_fds: list[int] = []
-    tap_fds: list[int] = []
+    tap_fds: list[list[int]] = []  # per --net, one FD per queue pair
     sockets: list[socket.socket] = []
     try:
         for export in exports:
@@ -215,13 +220,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
                      else "read-write", args.num_queues)
         for net, fd, sock in zip(nets, tap_fds, sockets[len(exports):], strict=True):
             try:
-                net_device = NetDevice(fd, mac=net.mac, mtu=net.mtu, name=net.socket_path)
+                net_device = NetDevice(fd, mac=net.mac, mtu=net.mtu, name=net.socket_path,
+                                       tap=net.tap)
             except ValueError as exc:
                 raise UsageError(f"tap {net.tap}: {exc}") from None
             endpoints.append(Endpoint(net.socket_path, sock, net_device, loop,
                                       require_sealed_memory=not args.allow_unsealed_memory,
                                       qos=qos.get(net.socket_path, Qos())))
-            log.info("serving tap %s on %s (mtu %d)", net.tap, net.socket_path, net.mtu)
+            log.info("serving tap %s on %s (mtu %d, %d queue pairs)", net.tap, net.socket_path,
+                     net.mtu, net.queues)
         loop.stop_on_signals()
         loop.run()
     finally:
@@ -232,21 +239,23 @@ def cmd_dev(args: argparse.Namespace) -> int:
         for path in paths[: len(sockets)]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        for fd in image_fds + tap_fds:
+        for fd in image_fds + [fd for fds in tap_fds for fd in fds]:
             os.close(fd)
     return 0
 
 
-def open_dev_tap(net: NetExport) -> int:
+def open_dev_tap(net: NetExport) -> list[int]:
     """Attach to tap `net.tap` in this network namespace, creating it (for as long as this
-    process holds it) if there is none. Needs CAP_NET_ADMIN."""
-    from broker.taps import open_tun
+    process holds it) if there is none: one FD per queue pair. Needs CAP_NET_ADMIN."""
+    from broker.taps import open_tun_queues
 
     try:
-        return open_tun(net.tap)
+        return open_tun_queues(net.tap, net.queues)
     except OSError as exc:
+        kind = "IFF_MULTI_QUEUE|" if net.queues > 1 else ""
         raise UsageError(f"tap {net.tap} cannot be opened: {exc.strerror}; run as root, and "
-                         "name a tap with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR or a new one") from None
+                         f"name a tap with {kind}IFF_TAP|IFF_NO_PI|IFF_VNET_HDR or a new one"
+                         ) from None
 
 
 BACKEND_POLICY = Path(__file__).resolve().parent.parent / "policies" / "backend.policy"
@@ -332,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "broker, no confinement)")
     dev.add_argument("--blk", action="append", default=[], metavar="SOCKET=IMAGE",
                      help="export IMAGE as a vhost-user-blk device on SOCKET (repeatable)")
-    dev.add_argument("--net", action="append", default=[], metavar="SOCKET=TAP[,mac=M,mtu=N]",
+    dev.add_argument("--net", action="append", default=[],
+                     metavar="SOCKET=TAP[,mac=M,mtu=N,queues=N]",
                      help="serve tap TAP (created if absent) as a vhost-user-net device on "
                      "SOCKET (repeatable; needs root)")
     dev.add_argument("--readonly", action="append", default=[], metavar="SOCKET",

@@ -1,25 +1,34 @@
-"""virtio-net (virtio 1.2 section 5.1): frames between a guest's rings and a tap FD.
+"""virtio-net (virtio 1.2 section 5.1): frames between a guest's rings and a tap's queues.
 
 The broker creates the tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, vnet header size 12) and hands
-over an open, non-blocking FD; the device never names an interface. The 12-byte
+over open, non-blocking FDs: one, or one per queue pair of a multi-queue tap (IFF_MULTI_QUEUE);
+the device never names an interface. The 12-byte
 `virtio_net_hdr_v1` in front of every frame is passed straight through to the tap's vnet
 header, so checksum and segmentation offloads reach the host stack without being redone here.
 
-TX (queue 1, guest -> tap): `check_tx_chain` (sans-IO) decides whether a chain may become a
+Queue pair i is virtqueues 2i (RX) and 2i+1 (TX), served on tap FD i (virtio 1.2 5.1.2). With
+more than one pair the device offers VIRTIO_NET_F_MQ and GET_QUEUE_NUM answers the number of
+pairs. The control virtqueue is not ours: QEMU keeps it (VIRTIO_NET_F_CTRL_VQ is not a feature
+vhost-user back-ends are asked about) and turns the driver's VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET into
+SET_VRING_ENABLE of the pairs it enables or disables. A pair that the driver does not use has
+its tap queue detached (TUNSETQUEUE), so the kernel spreads the host's frames over the queues
+that are read, as QEMU's own tap back-end does; pair 0's queue always stays attached.
+
+TX (odd queues, guest -> tap): `check_tx_chain` (sans-IO) decides whether a chain may become a
 frame; one that may not (a device-writable descriptor, header only, shorter than an Ethernet
 header, over MAX_FRAME, a header asking for an offload that was not negotiated or pointing
 outside the frame) is dropped with a counter and completed with length 0. The rest go out
 with one writev() over views of guest memory. The tap validates what it accepts; a frame it
 refuses is dropped and counted too.
 
-RX (queue 0, tap -> guest): readv() from the tap straight into the guest's writable buffers,
+RX (even queues, tap -> guest): readv() from the tap straight into the guest's writable buffers,
 with a host overflow buffer behind them. A frame that fits the first chain costs no copy; a
 larger one (GSO) spills into the overflow and is copied into as many more chains as it needs
 (VIRTIO_NET_F_MRG_RXBUF; num_buffers says how many). While the guest has no buffers the tap is
 not read: its queue holds the frames (and the kernel drops beyond it, as for any slow NIC).
 
-The tap is polled by the loop's epoll: readable marks RX work and wakes the RX ring in the
-shared dispatcher, which serves it on the same thread and under the same scheduler as every
+Each tap queue is polled by the loop's epoll: readable marks RX work and wakes its RX ring in
+the shared dispatcher, which serves it on the same thread and under the same scheduler as every
 other queue. `RxQueue.pending()` reports the ring's buffers only while the tap has frames (or a
 frame waits in the stash), so an RX ring with buffers but no traffic is idle, not busy.
 """
@@ -33,6 +42,7 @@ import logging
 import os
 import select
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,16 +102,38 @@ _U16 = struct.Struct("<H")
 
 # <linux/if_tun.h>
 TUNSETOFFLOAD = 0x400454D0
+TUNSETQUEUE = 0x400454D9
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+_IFREQ = struct.Struct("16sH22x")
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+# Queue pairs of one device (broker.taps.MAX_QUEUES: one tap queue FD each).
+MAX_QUEUE_PAIRS = 8
+
+# Why frames were dropped: a fixed set of names, so that the counters stay bounded however a
+# guest varies its frames (the log line says exactly what was wrong, once per message).
+DROP_SHORT = "short"  # shorter than the header, header only, or a runt Ethernet frame
+DROP_OVERSIZED = "oversized"  # over MAX_FRAME
+DROP_WRITABLE = "writable_descriptor"  # a TX chain with device-writable descriptors
+DROP_BAD_HEADER = "bad_header"  # flags, offloads or offsets that were not agreed
+DROP_TAP_REFUSED = "tap_refused"  # the tap's writev() failed
+DROP_RX_TOO_LARGE = "rx_too_large"  # a received frame larger than the guest's buffers
+DROP_REASONS = (DROP_SHORT, DROP_OVERSIZED, DROP_WRITABLE, DROP_BAD_HEADER, DROP_TAP_REFUSED,
+                DROP_RX_TOO_LARGE)
 
 
 class NetHeaderError(ValueError):
-    """A TX chain cannot become a frame; the reason names what is wrong with it."""
+    """A TX chain cannot become a frame; the message names what is wrong with it, `reason`
+    which of DROP_REASONS it counts as."""
+
+    def __init__(self, message: str, reason: str = DROP_BAD_HEADER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,17 +189,18 @@ def check_tx_chain(readable: list[memoryview], writable: list[memoryview],
                    features: int) -> NetHeader:
     """A walked TX chain as (header, frame): NetHeaderError says why it is not a frame."""
     if writable:
-        raise NetHeaderError("transmit chain has device-writable descriptors")
+        raise NetHeaderError("transmit chain has device-writable descriptors", DROP_WRITABLE)
     total = sum(map(len, readable))
     if total < HEADER_SIZE:
-        raise NetHeaderError(f"chain of {total} bytes is shorter than the header")
+        raise NetHeaderError(f"chain of {total} bytes is shorter than the header", DROP_SHORT)
     frame_len = total - HEADER_SIZE
     if frame_len == 0:
-        raise NetHeaderError("chain holds a header and no frame")
+        raise NetHeaderError("chain holds a header and no frame", DROP_SHORT)
     if frame_len < ETH_HLEN:
-        raise NetHeaderError(f"frame of {frame_len} bytes is shorter than an Ethernet header")
+        raise NetHeaderError(f"frame of {frame_len} bytes is shorter than an Ethernet header",
+                             DROP_SHORT)
     if frame_len > MAX_FRAME:
-        raise NetHeaderError(f"frame of {frame_len} bytes exceeds {MAX_FRAME}")
+        raise NetHeaderError(f"frame of {frame_len} bytes exceeds {MAX_FRAME}", DROP_OVERSIZED)
     first = readable[0]
     head = first if len(first) >= HEADER_SIZE else b"".join(readable)[:HEADER_SIZE]
     return parse_tx_header(head, frame_len, features)
@@ -217,19 +250,47 @@ def tap_offloads(features: int) -> int:
     return offloads
 
 
+class QueuePair:
+    """Virtqueues 2i (RX) and 2i+1 (TX) and the tap queue FD they are served on."""
+
+    __slots__ = ("attached", "index", "rx_frames", "rx_ready", "rx_ring", "stash", "tap_fd",
+                 "tx_frames")
+
+    def __init__(self, index: int, tap_fd: int) -> None:
+        self.index = index
+        self.tap_fd = tap_fd
+        self.rx_ring: Ring | None = None
+        self.rx_ready = False  # the tap queue may have frames: not polled until drained
+        self.stash: bytes | None = None  # a frame read from the tap that awaits buffers
+        self.attached = True  # the tap queue gets frames (TUNSETQUEUE)
+        self.rx_frames = 0
+        self.tx_frames = 0
+
+    def rx_waiting(self) -> bool:
+        return self.rx_ready or self.stash is not None
+
+
 class RxQueue(SplitQueue):
     """An RX ring: its buffers count as pending work only while there are frames for them."""
 
-    __slots__ = ("device",)
+    __slots__ = ("pair",)
+    pair: QueuePair
 
     def pending(self) -> int:
-        if not self.device.rx_waiting():
+        if not self.pair.rx_waiting():
             return 0
         return SplitQueue.pending(self)
 
     def buffers(self) -> int:
         """Available heads regardless of traffic (raises RingError like pending())."""
         return SplitQueue.pending(self)
+
+
+class TxQueue(SplitQueue):
+    """A TX ring, and the queue pair (tap queue) its frames go out on."""
+
+    __slots__ = ("pair",)
+    pair: QueuePair
 
 
 @dataclass
@@ -244,38 +305,45 @@ class NetCounters:
 
 
 class NetDevice:
-    """A virtio-net device over one tap FD (not owned: the caller closes it).
+    """A virtio-net device over a tap's queue FDs (not owned: the caller closes them).
 
-    One queue pair: RX is virtqueue 0, TX virtqueue 1. Served by the shared dispatcher only:
-    the tap's readiness reaches the RX ring through the loop's epoll.
+    Queue pair i (RX virtqueue 2i, TX 2i+1) is served on `tap_fds[i]`; one FD, one pair. Served
+    by the shared dispatcher only: each tap queue's readiness reaches its RX ring through the
+    loop's epoll.
     """
 
-    def __init__(self, tap_fd: int, *, mac: bytes, mtu: int = 1500, name: str = "net") -> None:
+    def __init__(self, tap_fds: int | Sequence[int], *, mac: bytes, mtu: int = 1500,
+                 name: str = "net", tap: str = "tap") -> None:
         if len(mac) != 6:
             raise ValueError(f"MAC address must be 6 bytes, not {len(mac)}")
-        self.tap_fd = tap_fd
+        fds = [tap_fds] if isinstance(tap_fds, int) else list(tap_fds)
+        if not 1 <= len(fds) <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"{len(fds)} tap queues given; a NIC has 1 to {MAX_QUEUE_PAIRS}")
+        self.pairs = [QueuePair(index, fd) for index, fd in enumerate(fds)]
+        self.tap_fd = fds[0]  # offloads are the tap's, whichever queue sets them
         self.mac = bytes(mac)
         self.mtu = mtu
         self.name = name
-        self.num_queues = 2
-        self.vhost_queue_num = 1  # GET_QUEUE_NUM counts queue pairs for net
+        self.tap_name = tap  # the interface, for status and log lines only
+        self.num_queues = 2 * len(fds)
+        self.vhost_queue_num = len(fds)  # GET_QUEUE_NUM counts queue pairs for net
         # No CONFIG: QEMU serves virtio-net's config space itself (MAC, MTU from its options).
         self.offered_protocol_features = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK)
         self.moved = 0
         self.counters = NetCounters()
         self.features = 0
-        flags = fcntl.fcntl(tap_fd, fcntl.F_GETFL)
-        if not flags & os.O_NONBLOCK:
-            fcntl.fcntl(tap_fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        for fd in fds:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.guest_offloads = self._probe_offloads()
         self.device_features = (
             F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_MAC | F_STATUS | F_MTU
             | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | self.guest_offloads
+            | (F_MQ if len(fds) > 1 else 0)
         )
+        # One thread serves every pair, and a frame is copied out of it before the next read.
         self.overflow = memoryview(bytearray(HEADER_SIZE + MAX_FRAME))
-        self.rx_ring: Ring | None = None
-        self.rx_ready = False  # the tap may have frames: it is not polled until drained
-        self.stash: bytes | None = None  # a frame read from the tap that awaits buffers
         self._logged: set[str] = set()
 
     # --- negotiation and config --------------------------------------------------------------
@@ -312,110 +380,139 @@ class NetDevice:
 
     def config(self) -> bytes:
         """struct virtio_net_config up to mtu (12 bytes)."""
-        return CONFIG.pack(self.mac, STATUS_LINK_UP, 1, self.mtu)
+        return CONFIG.pack(self.mac, STATUS_LINK_UP, len(self.pairs), self.mtu)
 
     # --- rings (hooks the connection calls) --------------------------------------------------
 
     def open_queue(self, index: int, mem: GuestMemory, num: int, addr: VringAddr, base: int,
                    event_idx: bool) -> SplitQueue:
-        """The queue object for virtqueue `index`: RX rings get the traffic-aware pending()."""
-        cls = RxQueue if index == RX_QUEUE else SplitQueue
+        """The queue object for virtqueue `index`: RX rings get the traffic-aware pending(),
+        and each knows its queue pair."""
+        cls = RxQueue if index % 2 == RX_QUEUE else TxQueue
         queue = cls(mem, num, addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr,
                     base, event_idx=event_idx)
-        if isinstance(queue, RxQueue):
-            queue.device = self
+        queue.pair = self.pairs[index // 2]
         return queue
 
     def ring_started(self, ring: Ring) -> None:
-        if ring.index != RX_QUEUE:
+        if ring.index % 2 != RX_QUEUE:
             return
+        pair = self.pairs[ring.index // 2]
         loop = ring.conn.loop
         if not loop.shared:
             raise ValueError("virtio-net is served by the shared I/O thread only")
-        self.rx_ring = ring
-        events = 0 if self.rx_ready else select.EPOLLIN
+        pair.rx_ring = ring
+        events = 0 if pair.rx_ready else select.EPOLLIN
         try:
-            loop.register(self.tap_fd, events, self._on_tap)
+            loop.register(pair.tap_fd, events, lambda ev: self._on_tap(pair, ev))
         except OSError as exc:
-            self.rx_ring = None
+            pair.rx_ring = None
             raise ValueError(f"tap FD cannot be polled: {exc}") from None
+        self._steer(pair, ring.enabled)
 
     def ring_stopped(self, ring: Ring) -> None:
-        if ring.index == RX_QUEUE and self.rx_ring is ring:
-            ring.conn.loop.unregister(self.tap_fd)
-            self.rx_ring = None
+        pair = self.pairs[ring.index // 2]
+        if ring.index % 2 == RX_QUEUE and pair.rx_ring is ring:
+            ring.conn.loop.unregister(pair.tap_fd)
+            pair.rx_ring = None
+            self._steer(pair, True)  # whoever connects next finds every queue attached
 
-    def _on_tap(self, events: int) -> None:
-        ring = self.rx_ring
+    def ring_enabled_changed(self, ring: Ring) -> None:
+        """SET_VRING_ENABLE of a running ring: the driver starts or stops using its pair."""
+        if ring.index % 2 == RX_QUEUE:
+            self._steer(self.pairs[ring.index // 2], ring.enabled)
+
+    def _steer(self, pair: QueuePair, attached: bool) -> None:
+        """Attach or detach a pair's tap queue, so that the kernel sends the host's frames
+        only to queues the driver reads. Pair 0 (and a single-queue tap) always stays."""
+        if pair.index == 0 or pair.attached == attached:
+            return
+        flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(pair.tap_fd, TUNSETQUEUE, _IFREQ.pack(b"", flags))
+        except OSError as exc:
+            self._note(f"steer-{attached}", f"{self.name}: cannot "
+                       f"{'attach' if attached else 'detach'} queue {pair.index} of tap "
+                       f"{self.tap_name}: {exc.strerror}")
+            return
+        pair.attached = attached
+        log.info("%s: queue %d of tap %s %s (queue pair %d %s by the driver)", self.name,
+                 pair.index, self.tap_name, "attached" if attached else "detached", pair.index,
+                 "enabled" if attached else "disabled")
+
+    def _on_tap(self, pair: QueuePair, events: int) -> None:
+        ring = pair.rx_ring
         if ring is None:
             return
         loop = ring.conn.loop
         if events & (select.EPOLLERR | select.EPOLLHUP):
             # A deleted tap stays readable-with-error for ever; stop polling it.
-            self._note("tap", f"{self.name}: tap FD reports an error or hang-up; RX stops")
-            loop.unregister(self.tap_fd)
+            self._note(f"tap{pair.index}", f"{self.name}: tap FD reports an error or hang-up "
+                       f"(tap {self.tap_name} queue {pair.index}); RX stops")
+            loop.unregister(pair.tap_fd)
             return
-        self.rx_ready = True
-        loop.modify(self.tap_fd, 0)  # no more wake-ups until RX has drained the tap
+        pair.rx_ready = True
+        loop.modify(pair.tap_fd, 0)  # no more wake-ups until RX has drained the tap queue
         loop.dispatcher.kicked(ring)
 
-    def _rx_drained(self) -> None:
-        self.rx_ready = False
-        ring = self.rx_ring
-        if ring is not None and self.tap_fd in ring.conn.loop.handlers:
+    def _rx_drained(self, pair: QueuePair) -> None:
+        pair.rx_ready = False
+        ring = pair.rx_ring
+        if ring is not None and pair.tap_fd in ring.conn.loop.handlers:
             # Level-triggered: a frame that came after the last read wakes us at once.
-            ring.conn.loop.modify(self.tap_fd, select.EPOLLIN)
-
-    def rx_waiting(self) -> bool:
-        return self.rx_ready or self.stash is not None
+            ring.conn.loop.modify(pair.tap_fd, select.EPOLLIN)
 
     # --- serving ------------------------------------------------------------------------------
 
     def serve_batch(self, queue: SplitQueue, budget: int) -> int:
-        """Serve up to `budget` heads of `queue` (RX or TX); the heads used."""
+        """Serve up to `budget` heads of `queue` (RX or TX, of any pair); the heads used."""
         if type(queue) is RxQueue:
             return self._serve_rx(queue, budget)
-        return self._serve_tx(queue, budget)
+        return self._serve_tx(queue, budget)  # type: ignore[arg-type]
 
     def process(self, queue: SplitQueue, budget: int) -> int:
         """The per-ring-thread model's entry point: TX only (RX needs the shared loop)."""
         return self.serve_batch(queue, budget)
 
-    def _serve_tx(self, queue: SplitQueue, budget: int) -> int:
+    def _serve_tx(self, queue: TxQueue, budget: int) -> int:
         count = queue.pending()
         if count > budget:
             count = budget
+        pair = queue.pair
         for _ in range(count):
             head = queue.next_head()
             readable, writable = queue.chain(head)
-            self._transmit(readable, writable)
+            self._transmit(pair, readable, writable)
             queue.put_used(head, 0)
         return count
 
-    def _transmit(self, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def _transmit(self, pair: QueuePair, readable: list[memoryview],
+                  writable: list[memoryview]) -> None:
         counters = self.counters
         try:
             check_tx_chain(readable, writable, self.features)
         except NetHeaderError as exc:
-            self._drop_tx(str(exc))
+            self._drop_tx(exc.reason, str(exc))
             return
         try:
-            sent = os.writev(self.tap_fd, readable)
+            sent = os.writev(pair.tap_fd, readable)
         except OSError as exc:
-            self._drop_tx(f"tap refused the frame: {errno.errorcode.get(exc.errno or 0, exc)}")
+            self._drop_tx(DROP_TAP_REFUSED, "tap refused the frame: "
+                          f"{errno.errorcode.get(exc.errno or 0, exc)}")
             return
         nbytes = sent - HEADER_SIZE
         counters.tx_frames += 1
         counters.tx_bytes += nbytes
+        pair.tx_frames += 1
         self.moved += nbytes
 
-    def _drop_tx(self, reason: str) -> None:
+    def _drop_tx(self, reason: str, message: str) -> None:
         self.counters.tx_dropped += 1
         self.counters.drop_reasons[reason] += 1
-        self._note(reason, f"{self.name}: dropped a transmitted frame: {reason}")
+        self._note(message, f"{self.name}: dropped a transmitted frame: {message}")
 
     def _note(self, key: str, message: str) -> None:
-        # Once per reason: a guest must not be able to flood the log.
+        # Once per message: a guest must not be able to flood the log.
         if key not in self._logged and len(self._logged) < 64:
             self._logged.add(key)
             log.warning("%s (further ones are only counted)", message)
@@ -432,12 +529,13 @@ class NetDevice:
         return head, writable, capacity
 
     def _serve_rx(self, queue: RxQueue, budget: int) -> int:
+        pair = queue.pair
         used = 0
-        if self.stash is not None:
+        if pair.stash is not None:
             used = self._deliver_stash(queue)
             if not used:
                 return 0
-        tap = self.tap_fd
+        tap = pair.tap_fd
         overflow = self.overflow
         mergeable = self.features & F_MRG_RXBUF
         while used < budget:
@@ -449,12 +547,13 @@ class NetDevice:
                 got = os.readv(tap, writable)
             except BlockingIOError:
                 queue.unget(1)
-                self._rx_drained()
+                self._rx_drained(pair)
                 return used
             except OSError as exc:
                 queue.unget(1)
-                self._note("rx-error", f"{self.name}: reading the tap failed: {exc}")
-                self._rx_drained()
+                self._note("rx-error", f"{self.name}: reading queue {pair.index} of tap "
+                           f"{self.tap_name} failed: {exc}")
+                self._rx_drained(pair)
                 return used
             writable.pop()
             if got <= capacity:
@@ -471,7 +570,7 @@ class NetDevice:
                 if chains is None:
                     return used  # stashed until the guest adds buffers
                 used += chains
-            self._count_rx(got)
+            self._count_rx(pair, got)
         return used
 
     def _spread(self, queue: RxQueue, head: int, writable: list[memoryview], capacity: int,
@@ -483,7 +582,7 @@ class NetDevice:
         while pos < len(rest):
             if not queue.buffers():
                 queue.unget(len(filled))
-                self.stash = b"".join(writable)[:capacity] + bytes(rest)
+                queue.pair.stash = b"".join(writable)[:capacity] + bytes(rest)
                 return None
             next_head, views, _cap = self._take_rx_chain(queue)
             copied = _copy_into(views, rest[pos:])
@@ -497,14 +596,15 @@ class NetDevice:
     def _deliver_stash(self, queue: RxQueue) -> int:
         """Copy the stashed frame into as many chains as it needs: the heads used, or 0 if
         the guest has too few buffers yet."""
-        frame = memoryview(self.stash or b"")
+        pair = queue.pair
+        frame = memoryview(pair.stash or b"")
         mergeable = self.features & F_MRG_RXBUF
         taken: list[tuple[int, list[memoryview], int]] = []
         room = 0
         while room < len(frame):
             if taken and not mergeable:
                 queue.unget(len(taken))  # it can never fit one buffer: drop it
-                self.stash = None
+                pair.stash = None
                 self._drop_rx("received frame larger than the buffers")
                 return 0
             if not queue.buffers():
@@ -518,23 +618,28 @@ class NetDevice:
             queue.put_used(used_head, copied)
             pos += copied
         _put_u16(taken[0][1], NUM_BUFFERS_OFFSET, len(taken))
-        self.stash = None
-        self._count_rx(len(frame))
+        pair.stash = None
+        self._count_rx(pair, len(frame))
         return len(taken)
 
-    def _count_rx(self, got: int) -> None:
+    def _count_rx(self, pair: QueuePair, got: int) -> None:
         nbytes = got - HEADER_SIZE
         self.counters.rx_frames += 1
         self.counters.rx_bytes += nbytes
+        pair.rx_frames += 1
         self.moved += nbytes
 
-    def _drop_rx(self, reason: str) -> None:
+    def _drop_rx(self, message: str) -> None:
         self.counters.rx_dropped += 1
-        self.counters.drop_reasons[reason] += 1
-        self._note(reason, f"{self.name}: dropped a received frame: {reason}")
+        self.counters.drop_reasons[DROP_RX_TOO_LARGE] += 1
+        self._note(message, f"{self.name}: dropped a received frame: {message}")
 
     def snapshot(self) -> dict[str, object]:
+        """Frame and byte totals, drops by reason (DROP_REASONS) and frames per queue pair."""
         c = self.counters
-        return {"tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped,
+        return {"queues": len(self.pairs),
+                "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_dropped": c.tx_dropped,
                 "rx_frames": c.rx_frames, "rx_bytes": c.rx_bytes, "rx_dropped": c.rx_dropped,
-                "drop_reasons": dict(c.drop_reasons)}
+                "drop_reasons": dict(c.drop_reasons),
+                "pairs": [{"rx_frames": p.rx_frames, "tx_frames": p.tx_frames}
+                          for p in self.pairs]}

@@ -305,6 +305,9 @@ class Connection:
                 self.loop.dispatcher.attach(ring)
             else:
                 self.loop.dispatcher.detach(ring)
+            changed = getattr(self.endpoint.device, "ring_enabled_changed", None)
+            if changed is not None:
+                changed(ring)  # e.g. virtio-net detaches the tap queue of a pair not in use
 
     def accept_eventfd(self, fd: int) -> None:
         check_eventfd(fd)

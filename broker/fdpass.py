@@ -3,7 +3,8 @@
 A frame is an 8-byte header (magic, version, kind, payload length) and a UTF-8 JSON object;
 file descriptors ride along as SCM_RIGHTS. SOCK_SEQPACKET keeps frame boundaries, so one
 recvmsg() is one whole frame or a truncation the kernel reports. Each kind has an exact set of
-fields, each of an exact type, and an exact number of FDs; anything else is a `FrameError`.
+fields, each of an exact type, and an exact number of FDs (for ADD_NET, one more than its
+`queues`); anything else is a `FrameError`.
 
 The checks run in both directions: the backend parses guest-controlled data and so may be
 compromised, and the broker (the TCB) must read the backend's frames as carefully as the backend
@@ -26,7 +27,8 @@ MAGIC = 0x5246  # "RF"
 VERSION = 1
 HEADER = struct.Struct("<HBBI")  # magic, version, kind, payload length
 MAX_FRAME = 64 * 1024  # header included
-MAX_FDS = 2  # the most any kind carries; the control buffer has room for no more
+MAX_NET_QUEUES = 8  # queue pairs of one NIC, one tap FD each (broker.taps.MAX_QUEUES)
+MAX_FDS = 1 + MAX_NET_QUEUES  # the most any kind carries; the control buffer has room for no more
 MAX_INT = (1 << 63) - 1
 _FD_SIZE = array.array("i").itemsize
 
@@ -42,7 +44,7 @@ class Kind(enum.IntEnum):
     STATUS = 3
     STOP = 4
     SET_QOS = 5
-    ADD_NET = 6  # FDs: [listening vhost-user socket, tap]
+    ADD_NET = 6  # FDs: [listening vhost-user socket, tap queue 0, ..., tap queue queues-1]
     # backend -> broker
     READY = 65
     STATUS_REPLY = 66
@@ -53,16 +55,24 @@ TO_BACKEND = frozenset({Kind.ADD_BLK, Kind.REMOVE_VM, Kind.STATUS, Kind.STOP, Ki
                         Kind.ADD_NET})
 TO_BROKER = frozenset({Kind.READY, Kind.STATUS_REPLY, Kind.ERROR})
 
+NET_FDS = -1  # ADD_NET's FD count: 1 + its "queues"
 # A field's type is str, int (0..MAX_INT, never bool), bool, or [schema]: a list of objects.
 _DEVICE = {"vm": str, "disk": int, "socket": str, "connected": bool, "requests": int,
            "bytes": int, "kicks": int, "interrupts": int, "p50_us": int, "p99_us": int,
            "p999_us": int, "throttled_ms": int}
+# One NIC: totals, drops by reason (a fixed set of reason names) and frames per queue pair.
+_NIC = {"vm": str, "nic": int, "socket": str, "tap": str, "connected": bool, "queues": int,
+        "tx_frames": int, "tx_bytes": int, "rx_frames": int, "rx_bytes": int,
+        "tx_dropped": int, "rx_dropped": int, "kicks": int, "interrupts": int,
+        "drops": [{"reason": str, "count": int}],
+        "pairs": [{"rx_frames": int, "tx_frames": int}]}
 _SCHEMAS: dict[Kind, tuple[dict[str, Any], int]] = {  # kind -> (fields, number of FDs)
     Kind.ADD_BLK: ({"vm": str, "disk": int, "socket": str, "readonly": bool, "num_queues": int,
                     "serial": str}, 2),
     # mac: "52:54:00:12:34:56"; tap: the interface's name, for log lines only.
+    # FDs: 1 + queues, checked against the field (NET_FDS).
     Kind.ADD_NET: ({"vm": str, "nic": int, "socket": str, "tap": str, "mac": str, "mtu": int,
-                    "queues": int}, 2),
+                    "queues": int}, NET_FDS),
     Kind.REMOVE_VM: ({"vm": str}, 0),
     Kind.STATUS: ({}, 0),
     Kind.STOP: ({}, 0),
@@ -70,7 +80,7 @@ _SCHEMAS: dict[Kind, tuple[dict[str, Any], int]] = {  # kind -> (fields, number 
     Kind.SET_QOS: ({"vm": str, "weight": int, "priority": str, "iops_limit": int,
                     "bps_limit": int, "burst_milli": int}, 0),
     Kind.READY: ({"devices": int}, 0),
-    Kind.STATUS_REPLY: ({"devices": [_DEVICE]}, 0),
+    Kind.STATUS_REPLY: ({"devices": [_DEVICE], "nics": [_NIC]}, 0),
     Kind.ERROR: ({"vm": str, "message": str}, 0),
 }
 
@@ -81,9 +91,14 @@ class Frame:
     fields: dict[str, Any]
 
 
-def fd_count(kind: Kind) -> int:
-    """How many FDs a frame of `kind` carries."""
-    return _SCHEMAS[kind][1]
+def fd_count(kind: Kind, fields: Mapping[str, Any] | None = None) -> int:
+    """How many FDs a frame of `kind` (with these checked `fields`) carries."""
+    count = _SCHEMAS[kind][1]
+    if count == NET_FDS:
+        if fields is None:
+            raise FrameError(f"{Kind(kind).name} carries a number of FDs its fields decide")
+        return 1 + fields["queues"]
+    return count
 
 
 def encode_frame(kind: Kind, fields: Mapping[str, Any]) -> bytes:
@@ -91,6 +106,7 @@ def encode_frame(kind: Kind, fields: Mapping[str, Any]) -> bytes:
     kind = Kind(kind)
     fields = dict(fields)
     _check_object(_SCHEMAS[kind][0], fields, kind.name)
+    _check_counts(kind, fields)
     try:
         payload = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:
@@ -119,7 +135,7 @@ def decode_frame(data: bytes, nfds: int, accept: Collection[Kind] = frozenset(Ki
     if kind not in accept:
         raise FrameError(f"{kind.name} frames are not accepted in this direction")
     schema, expected_fds = _SCHEMAS[kind]
-    if nfds != expected_fds:
+    if expected_fds != NET_FDS and nfds != expected_fds:
         raise FrameError(f"{kind.name} came with {nfds} file descriptors, expected "
                          f"{expected_fds}")
     try:
@@ -128,7 +144,17 @@ def decode_frame(data: bytes, nfds: int, accept: Collection[Kind] = frozenset(Ki
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FrameError(f"{kind.name} payload is not a UTF-8 JSON object: {exc}") from None
     _check_object(schema, fields, kind.name)
+    _check_counts(kind, fields)
+    if expected_fds == NET_FDS and nfds != fd_count(kind, fields):
+        raise FrameError(f"{kind.name} came with {nfds} file descriptors, expected "
+                         f"{fd_count(kind, fields)} for {fields['queues']} queues")
     return Frame(kind, fields)
+
+
+def _check_counts(kind: Kind, fields: Mapping[str, Any]) -> None:
+    if kind == Kind.ADD_NET and not 1 <= fields["queues"] <= MAX_NET_QUEUES:
+        raise FrameError(f"ADD_NET.queues is {fields['queues']}, not from 1 to "
+                         f"{MAX_NET_QUEUES}")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -174,9 +200,9 @@ def send_frame(sock: socket.socket, kind: Kind, fields: Mapping[str, Any],
                fds: Sequence[int] = ()) -> None:
     """Send one frame; the FDs are duplicated into the peer and stay open here."""
     data = encode_frame(kind, fields)
-    if len(fds) != fd_count(kind):
-        raise FrameError(f"{Kind(kind).name} carries {fd_count(kind)} file descriptors, "
-                         f"not {len(fds)}")
+    if len(fds) != fd_count(kind, fields):
+        raise FrameError(f"{Kind(kind).name} carries {fd_count(kind, fields)} file "
+                         f"descriptors, not {len(fds)}")
     # SOCK_SEQPACKET: the whole frame or an exception. Frames without FDs go out with send(),
     # so that the confined backend's seccomp policy can forbid sendmsg(), with which it could
     # pass an FD it holds (another VM's image) to a connected front-end.

@@ -132,12 +132,13 @@ class DiskGrant:
 
 @dataclass(eq=False)
 class NicGrant:
-    """What the broker holds for one NIC: the tap it created and the listening socket."""
+    """What the broker holds for one NIC: the tap it created (an FD per queue pair) and the
+    listening socket."""
 
     vm: str
     index: int
     socket_path: str
-    tap_fd: int
+    tap_fds: list[int]
     listener: socket.socket
     nic: Nic
     kind: ClassVar[Kind] = Kind.ADD_NET
@@ -146,11 +147,12 @@ class NicGrant:
         nic = self.nic
         fields = {"vm": self.vm, "nic": self.index, "socket": self.socket_path, "tap": nic.tap,
                   "mac": nic.mac, "mtu": nic.mtu, "queues": nic.queues}
-        return fields, [self.listener.fileno(), self.tap_fd]
+        return fields, [self.listener.fileno(), *self.tap_fds]
 
     def close(self) -> None:
         self.listener.close()
-        os.close(self.tap_fd)
+        for fd in self.tap_fds:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         try:
@@ -166,20 +168,23 @@ Grant = DiskGrant | NicGrant
 def open_nic(policy: Policy, vm: Vm, index: int, uid: int, gid: int) -> NicGrant:
     nic = vm.nics[index]
     try:
-        tap_fd = create_tap(nic.tap, vm=vm.name, nic=index, bridge=nic.bridge,
-                            mac=parse_mac(nic.mac), mtu=nic.mtu)
-    except (TapError, ValueError, OSError) as exc:
+        tap_fds = create_tap(nic.tap, vm=vm.name, nic=index, bridge=nic.bridge,
+                             mac=parse_mac(nic.mac), mtu=nic.mtu, queues=nic.queues)
+    except TapError as exc:
+        raise BrokerError(str(exc)) from None  # it names the VM and the NIC
+    except (ValueError, OSError) as exc:
         raise BrokerError(f"VM {vm.name} nic{index}: {exc}") from None
     path = nic_socket_path(policy.broker, vm.name, index)
     try:
         listener = bind_socket(path, uid, gid, 0o600)
     except OSError as exc:
-        os.close(tap_fd)
+        for fd in tap_fds:
+            os.close(fd)
         with contextlib.suppress(OSError):
             delete_tap(nic.tap, vm=vm.name, nic=index)
         raise BrokerError(f"VM {vm.name} nic{index}: cannot create socket {path}: "
                           f"{exc.strerror}") from None
-    return NicGrant(vm.name, index, path, tap_fd, listener, nic)
+    return NicGrant(vm.name, index, path, tap_fds, listener, nic)
 
 
 def open_vm(policy: Policy, vm: Vm) -> list[Grant]:
@@ -335,7 +340,8 @@ class Broker:
             backend.receive(Kind.READY, READY_TIMEOUT_S)
             for vm in self.policy.vms_in_group(group):
                 self.hand_over(backend, vm, self.grants[vm.name])
-            served = len(backend_status(backend))
+            reply = backend_status(backend)
+            served = len(reply["devices"]) + len(reply["nics"])
         except (BrokerError, FrameError, OSError) as exc:
             log.error("group %s: backend pid %d failed to start: %s", group, process.pid, exc)
             return  # its pidfd fires when it exits; the restart logic takes over
@@ -435,11 +441,13 @@ class Broker:
         groups = {}
         for group in self.policy.groups:
             backend = self.backends.get(group)
-            entry: dict[str, Any] = {"pid": None, "devices": []}
+            # "devices" are the disks (as before NICs had statistics); "nics" the NICs.
+            entry: dict[str, Any] = {"pid": None, "devices": [], "nics": []}
             if backend is not None:
                 entry["pid"] = backend.process.pid
                 try:
-                    entry["devices"] = backend_status(backend)
+                    reply = backend_status(backend)
+                    entry["devices"], entry["nics"] = reply["devices"], reply["nics"]
                 except (BrokerError, OSError) as exc:
                     entry["error"] = str(exc)
             groups[group] = entry
@@ -537,9 +545,10 @@ class Broker:
             os.unlink(os.path.join(self.policy.broker.run_dir, f"{name}.pid"))
 
 
-def backend_status(backend: Backend) -> list[dict[str, Any]]:
+def backend_status(backend: Backend) -> dict[str, Any]:
+    """The backend's STATUS_REPLY: {"devices": [disk, ...], "nics": [nic, ...]}."""
     backend.request(Kind.STATUS, {})
-    return backend.receive(Kind.STATUS_REPLY, REPLY_TIMEOUT_S)["devices"]
+    return backend.receive(Kind.STATUS_REPLY, REPLY_TIMEOUT_S)
 
 
 def run_broker(policy_path: str) -> int:

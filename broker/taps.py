@@ -2,8 +2,10 @@
 
 The broker creates each tap the policy names in its own network namespace, attaches it to the
 bridge the policy names (which must exist: nothing else on the host network is created or
-changed), sets its MTU and its host-side MAC, brings it up, and returns the open tap FD
-(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, vnet header of 12 bytes, non-blocking) for the backend.
+changed), sets its MTU and its host-side MAC, brings it up, and returns the open tap FDs
+(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, vnet header of 12 bytes, non-blocking) for the backend:
+one, or for a NIC with N queue pairs a multi-queue tap (IFF_MULTI_QUEUE) opened N times, one FD
+per tap queue, so that the backend serves queue pair i on tap queue i.
 
 A tap made by TUNSETIFF without TUNSETPERSIST lives only while an FD of it is open: the
 broker's copy and the backend's. So a broker or backend that dies leaves no tap behind;
@@ -31,7 +33,11 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 VNET_HDR_SIZE = 12  # virtio_net_hdr_v1, what VIRTIO_F_VERSION_1 drivers use
+# Queue pairs of one NIC: one tap queue and FD each (the kernel allows 256 tap queues; the
+# broker channel's frames carry at most 1 + MAX_QUEUES FDs).
+MAX_QUEUES = 8
 IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")
 
@@ -75,11 +81,14 @@ def tap_alias(vm: str, nic: int) -> str:
     return f"ringfence:{vm}:{nic}"
 
 
-def open_tun(name: str) -> int:
-    """Create (or attach to) tap `name` in this network namespace; the non-blocking FD."""
+def open_tun(name: str, *, multi_queue: bool = False) -> int:
+    """Create (or attach to) tap `name` in this network namespace; the non-blocking FD.
+
+    With `multi_queue` the tap is IFF_MULTI_QUEUE and each call attaches one more queue."""
     fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifr = _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        ifr = _IFREQ.pack(name.encode(), flags)
         got = _IFREQ.unpack(fcntl.ioctl(fd, TUNSETIFF, ifr))[0].rstrip(b"\0").decode()
         if got != name:
             raise TapError(f"tap {name}: the kernel created {got!r} instead")
@@ -90,6 +99,22 @@ def open_tun(name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_tun_queues(name: str, queues: int) -> list[int]:
+    """Tap `name` with `queues` queues: one FD (a single-queue tap) or one per queue of an
+    IFF_MULTI_QUEUE tap, queue i on FD i. All or none: on failure every FD is closed."""
+    if not 1 <= queues <= MAX_QUEUES:
+        raise TapError(f"tap {name}: {queues} queues asked; use 1 to {MAX_QUEUES}")
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fds.append(open_tun(name, multi_queue=queues > 1))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _link(ipr: IPRoute, name: str) -> tuple[int, str | None, str | None] | None:
@@ -103,8 +128,10 @@ def _link(ipr: IPRoute, name: str) -> tuple[int, str | None, str | None] | None:
     return found[0], kind, msg.get_attr("IFLA_IFALIAS")
 
 
-def create_tap(name: str, *, vm: str, nic: int, bridge: str, mac: bytes, mtu: int) -> int:
-    """Create, configure and bring up the tap for `vm`'s NIC `nic`; the open FD."""
+def create_tap(name: str, *, vm: str, nic: int, bridge: str, mac: bytes, mtu: int,
+               queues: int = 1) -> list[int]:
+    """Create, configure and bring up the tap for `vm`'s NIC `nic`; its open FDs, one per
+    queue pair."""
     check_tap_name(name)
     alias = tap_alias(vm, nic)
     with IPRoute() as ipr:
@@ -119,18 +146,23 @@ def create_tap(name: str, *, vm: str, nic: int, bridge: str, mac: bytes, mtu: in
         if master is None or master[1] != "bridge":
             raise TapError(f"VM {vm} nic{nic}: bridge {bridge} does not exist or is not a "
                            "bridge; create it (ip link add NAME type bridge) or fix the policy")
-        fd = open_tun(name)
+        try:
+            fds = open_tun_queues(name, queues)
+        except OSError as exc:
+            raise TapError(f"VM {vm} nic{nic}: cannot create tap {name} with {queues} "
+                           f"queue(s): {exc.strerror}") from None
         try:
             index = ipr.link_lookup(ifname=name)[0]
             ipr.link("set", index=index, mtu=mtu, address=format_mac(host_mac(mac)),
                      ifalias=alias, master=master[0])
             ipr.link("set", index=index, state="up")
         except (NetlinkError, IndexError, OSError) as exc:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             with contextlib.suppress(NetlinkError, IndexError):
                 ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
             raise TapError(f"VM {vm} nic{nic}: cannot configure tap {name}: {exc}") from None
-    return fd
+    return fds
 
 
 def delete_tap(name: str, *, vm: str, nic: int) -> None:

@@ -55,7 +55,8 @@ def _check(data: bytes) -> None:
         one_line(str(exc), "FrameError")
         return
     require(frame.kind in accept, f"{frame.kind.name} decoded where it is not accepted")
-    require(nfds == fd_count(frame.kind), f"{frame.kind.name} decoded with {nfds} FDs")
+    require(nfds == fd_count(frame.kind, frame.fields),
+            f"{frame.kind.name} decoded with {nfds} FDs")
     require(len(frame_bytes) <= MAX_FRAME, "a frame over MAX_FRAME decoded")
     try:
         again = encode_frame(frame.kind, frame.fields)

@@ -415,6 +415,11 @@ def fdpass_seeds() -> Seeds:
     device = {"vm": "web1", "disk": 0, "socket": "/s", "connected": True, "requests": 10,
               "bytes": 4096, "kicks": 3, "interrupts": 2, "p50_us": 10, "p99_us": 50,
               "p999_us": 90, "throttled_ms": 0}
+    nic = {"vm": "web1", "nic": 0, "socket": "/n", "tap": "rf-web1-0", "connected": True,
+           "queues": 2, "tx_frames": 5, "tx_bytes": 300, "rx_frames": 6, "rx_bytes": 400,
+           "tx_dropped": 1, "rx_dropped": 0, "kicks": 4, "interrupts": 3,
+           "drops": [{"reason": "short", "count": 1}],
+           "pairs": [{"rx_frames": 4, "tx_frames": 3}, {"rx_frames": 2, "tx_frames": 2}]}
     qos = {"vm": "web1", "weight": 2, "priority": "high", "iops_limit": 0, "bps_limit": 0,
            "burst_milli": 1000}
     return {
@@ -427,7 +432,11 @@ def fdpass_seeds() -> Seeds:
         "accept-stop": frame(4, {}),
         "accept-set-qos": frame(5, qos),
         "accept-ready": frame(65, {"devices": 3}, direction=2),
-        "accept-status-reply": frame(66, {"devices": [device, device]}, direction=2),
+        "accept-add-net-mq": frame(6, {"vm": "web1", "nic": 0, "socket": "/run/rf/n.sock",
+                                       "tap": "rf-web1-0", "mac": "52:54:00:12:34:56",
+                                       "mtu": 1500, "queues": 2}, nfds=3, direction=1),
+        "accept-status-reply": frame(66, {"devices": [device, device], "nics": [nic]},
+                                     direction=2),
         "accept-error": frame(67, {"vm": "web1", "message": "disk0: image is gone"}),
         "accept-unicode": frame(67, {"vm": "\u00e9\u4e2d", "message": "\U0001f600"}),
         "reject-short": b"\0" + b"RF\1",

@@ -46,6 +46,7 @@ CONSTANTS: dict[str, int] = {
     "FALLOC_FL_PUNCH_HOLE": 0x02,
     "FALLOC_FL_ZERO_RANGE": 0x10,
     "TUNSETOFFLOAD": 0x400454D0,  # <linux/if_tun.h>
+    "TUNSETQUEUE": 0x400454D9,
 }
 
 # What happens to a syscall that no rule allows, by the name `@default` uses.

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 if sys.byteorder != "little":  # the memoryview casts below read rings natively
@@ -1357,15 +1357,29 @@ NET_F_HOST_TSO4 = 11
 NET_F_HOST_TSO6 = 12
 NET_F_MRG_RXBUF = 15
 NET_F_STATUS = 16
+NET_F_MQ = 22
 #: virtio-net bits this front-end understands; any of them the device offers is accepted.
 NET_FEATURES = sum(1 << b for b in (
     NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_MTU, NET_F_MAC, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6,
-    NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF, NET_F_STATUS,
+    NET_F_HOST_TSO4, NET_F_HOST_TSO6, NET_F_MRG_RXBUF, NET_F_STATUS, NET_F_MQ,
 ))
 #: virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 NET_HDR = struct.Struct("<BBHHHHH")
 NET_CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
 NET_RX, NET_TX = 0, 1
+
+
+@dataclass
+class _NetPair:
+    """The guest driver's state of one queue pair: buffers posted and frames half received."""
+
+    rx_free: list[int] = field(default_factory=list)
+    rx_bufs: dict[int, int] = field(default_factory=dict)  # head -> buffer GPA
+    tx_free: list[int] = field(default_factory=list)
+    tx_bufs: dict[int, int] = field(default_factory=dict)
+    partial: list[bytes] = field(default_factory=list)  # a frame's buffers, not all in yet
+    partial_need: int = 0
+    tx_done: list[tuple[int, int]] = field(default_factory=list)  # (head, used len) reaped
 
 
 @dataclass(frozen=True)
@@ -1383,6 +1397,11 @@ class NetFrontend:
     received (`receive`); TX frames are copied into a pool of 64 KiB buffers (`send`), or a
     test posts any chain it likes on `tx` (`queue.post`). `features=None` negotiates what the
     device offers of VERSION_1, PROTOCOL_FEATURES, EVENT_IDX, INDIRECT and NET_FEATURES.
+
+    With `queue_pairs` > 1 it sets up that many pairs (RX 2i, TX 2i+1), as QEMU does for
+    `-netdev vhost-user,queues=N`, and enables the first `enabled_pairs` of them (default all);
+    `set_pairs` then does what QEMU does for the driver's VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET. The
+    RX/TX methods take the pair they act on (default 0).
     """
 
     def __init__(
@@ -1395,11 +1414,15 @@ class NetFrontend:
         features: int | None = None,
         event_idx: bool = True,
         timeout: float = 5.0,
+        queue_pairs: int = 1,
+        enabled_pairs: int | None = None,
     ) -> None:
         self.path = path
         self.queue_size = queue_size
         self.rx_buf_size = rx_buf_size
         self.timeout = timeout
+        self.queue_pairs = queue_pairs
+        self.enabled_pairs = queue_pairs if enabled_pairs is None else enabled_pairs
         self._explicit_features = features
         self._want_event_idx = event_idx
         self.mem = GuestMemory(mem_size)
@@ -1412,13 +1435,7 @@ class NetFrontend:
         self.features = 0
         self.protocol_features = 0
         self.queues: list[SplitQueue] = []
-        self._rx_free: list[int] = []
-        self._rx_bufs: dict[int, int] = {}  # head -> buffer GPA
-        self._tx_free: list[int] = []
-        self._tx_bufs: dict[int, int] = {}
-        self._partial: list[bytes] = []  # buffers of a frame whose num_buffers are not all in
-        self._partial_need = 0
-        self.tx_done: list[tuple[int, int]] = []  # (head, used len) of reaped TX chains
+        self._pairs = [_NetPair() for _ in range(queue_pairs)]
 
     @classmethod
     def open(cls, path: str, **kwargs: Any) -> NetFrontend:
@@ -1452,6 +1469,20 @@ class NetFrontend:
     def tx(self) -> SplitQueue:
         return self.queues[NET_TX]
 
+    def rx_of(self, pair: int) -> SplitQueue:
+        return self.queues[2 * pair + NET_RX]
+
+    def tx_of(self, pair: int) -> SplitQueue:
+        return self.queues[2 * pair + NET_TX]
+
+    @property
+    def tx_done(self) -> list[tuple[int, int]]:
+        """(head, used len) of reaped TX chains of pair 0 (see `tx_done_of`)."""
+        return self._pairs[0].tx_done
+
+    def tx_done_of(self, pair: int) -> list[tuple[int, int]]:
+        return self._pairs[pair].tx_done
+
     def realize(self) -> None:
         c = self.conn
         self.device_features = c.get_features()
@@ -1460,8 +1491,13 @@ class NetFrontend:
         self.protocol_features = c.get_protocol_features() & WANTED_PROTOCOL_FEATURES
         c.set_protocol_features(self.protocol_features)
         c.reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
-        if self.protocol_features & (1 << ProtocolFeature.MQ) and c.get_queue_num() < 1:
-            raise FrontendError("back-end offers no queue pair")
+        if self.protocol_features & (1 << ProtocolFeature.MQ):
+            pairs = c.get_queue_num()
+            if pairs < self.queue_pairs:  # QEMU: "you are asking more queues than supported"
+                raise FrontendError(f"back-end offers {pairs} queue pairs, "
+                                    f"{self.queue_pairs} wanted")
+        elif self.queue_pairs > 1:
+            raise FrontendError("back-end does not offer the MQ protocol feature")
         c.set_owner()
 
     def read_config(self) -> NetConfig:
@@ -1477,7 +1513,7 @@ class NetFrontend:
         c.set_mem_table(self.mem.regions)
         event_idx = bool(self.features & (1 << F_EVENT_IDX))
         self.queues = [SplitQueue(self.mem, i, self.queue_size, event_idx=event_idx)
-                       for i in (NET_RX, NET_TX)]
+                       for i in range(2 * self.queue_pairs)]
         for q in self.queues:
             c.set_vring_num(q.index, q.size)
             c.set_vring_base(q.index, 0)
@@ -1485,102 +1521,116 @@ class NetFrontend:
                              self.mem.uaddr(q.avail_gpa))
             c.set_vring_kick(q.index, q.kickfd)
             c.set_vring_call(q.index, q.callfd)
+        self.set_pairs(self.enabled_pairs)
+
+    def set_pairs(self, count: int) -> None:
+        """Enable the first `count` queue pairs and disable the rest (SET_VRING_ENABLE)."""
         for q in self.queues:
-            c.set_vring_enable(q.index, True)
+            self.conn.set_vring_enable(q.index, q.index // 2 < count)
+        self.enabled_pairs = count
 
     # -- RX
 
-    def post_rx(self, count: int | None = None, size: int | None = None) -> int:
+    def post_rx(self, count: int | None = None, size: int | None = None, *,
+                pair: int = 0) -> int:
         """Post `count` RX buffers (default: fill the ring) and kick; how many were posted."""
-        q = self.rx
+        q = self.rx_of(pair)
+        st = self._pairs[pair]
         size = size or self.rx_buf_size
         room = self.queue_size - q.in_flight
         count = room if count is None else min(count, room)
         for _ in range(count):
-            gpa = self._rx_free.pop() if self._rx_free and size == self.rx_buf_size \
+            gpa = st.rx_free.pop() if st.rx_free and size == self.rx_buf_size \
                 else self.mem.alloc(size, 64)
             head = q.post([(gpa, size, True)], publish=False)
-            self._rx_bufs[head] = gpa
+            st.rx_bufs[head] = gpa
         q.publish()
         q.kick()
         return count
 
-    def reap_rx(self) -> list[tuple[bytes, bytes]]:
+    def reap_rx(self, *, pair: int = 0) -> list[tuple[bytes, bytes]]:
         """Frames completed so far as (12-byte header, frame); buffers are not re-posted."""
+        st = self._pairs[pair]
         frames = []
-        for head, length in self.rx.reap():
-            gpa = self._rx_bufs.pop(head)
+        for head, length in self.rx_of(pair).reap():
+            gpa = st.rx_bufs.pop(head)
             data = self.mem.read(gpa, length)
-            self._rx_free.append(gpa)
-            if not self._partial:
+            st.rx_free.append(gpa)
+            if not st.partial:
                 if length < NET_HDR.size:
                     raise FrontendError(f"RX buffer with {length} bytes, less than a header")
-                self._partial_need = NET_HDR.unpack_from(data)[6]
-                if self._partial_need < 1:
+                st.partial_need = NET_HDR.unpack_from(data)[6]
+                if st.partial_need < 1:
                     raise FrontendError("RX header with num_buffers 0")
-            self._partial.append(data)
-            if len(self._partial) == self._partial_need:
-                whole = b"".join(self._partial)
-                self._partial = []
+            st.partial.append(data)
+            if len(st.partial) == st.partial_need:
+                whole = b"".join(st.partial)
+                st.partial = []
                 frames.append((whole[: NET_HDR.size], whole[NET_HDR.size :]))
         return frames
 
     def receive(self, count: int = 1, timeout: float | None = None,
-                refill: bool = True) -> list[tuple[bytes, bytes]]:
+                refill: bool = True, *, pair: int = 0) -> list[tuple[bytes, bytes]]:
         """Wait for `count` frames (re-posting RX buffers as they are used)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        rx = self.rx_of(pair)
         frames: list[tuple[bytes, bytes]] = []
         while len(frames) < count:
-            got = self.reap_rx()
+            got = self.reap_rx(pair=pair)
             frames += got
             if got and refill:
-                self.post_rx()
+                self.post_rx(pair=pair)
             if len(frames) >= count:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"received {len(frames)} of {count} frames")
-            select.select([self.rx.callfd], [], [], min(left, POLL_SLICE))
-            _drain_eventfd(self.rx.callfd)
+            select.select([rx.callfd], [], [], min(left, POLL_SLICE))
+            _drain_eventfd(rx.callfd)
         return frames
 
     # -- TX
 
-    def _tx_buffer(self) -> int:
-        return self._tx_free.pop() if self._tx_free else self.mem.alloc(NET_HDR.size + 65550, 64)
+    def _tx_buffer(self, st: _NetPair) -> int:
+        return st.tx_free.pop() if st.tx_free else self.mem.alloc(NET_HDR.size + 65550, 64)
 
     def send(self, frame: bytes, header: bytes = bytes(NET_HDR.size), *,
-             kick: bool = True) -> int:
+             kick: bool = True, pair: int = 0) -> int:
         """Post one frame behind `header` in one readable descriptor; returns its head."""
-        self.reap_tx()
-        gpa = self._tx_buffer()
+        self.reap_tx(pair=pair)
+        st = self._pairs[pair]
+        tx = self.tx_of(pair)
+        gpa = self._tx_buffer(st)
         self.mem.write(gpa, header + frame)
-        head = self.tx.post([(gpa, len(header) + len(frame), False)])
-        self._tx_bufs[head] = gpa
+        head = tx.post([(gpa, len(header) + len(frame), False)])
+        st.tx_bufs[head] = gpa
         if kick:
-            self.tx.kick()
+            tx.kick()
         return head
 
-    def reap_tx(self) -> list[tuple[int, int]]:
-        done = self.tx.reap()
+    def reap_tx(self, *, pair: int = 0) -> list[tuple[int, int]]:
+        st = self._pairs[pair]
+        done = self.tx_of(pair).reap()
         for head, _length in done:
-            gpa = self._tx_bufs.pop(head, None)
+            gpa = st.tx_bufs.pop(head, None)
             if gpa is not None:
-                self._tx_free.append(gpa)
-        self.tx_done += done
+                st.tx_free.append(gpa)
+        st.tx_done += done
         return done
 
-    def wait_tx(self, head: int, timeout: float | None = None) -> int:
+    def wait_tx(self, head: int, timeout: float | None = None, *, pair: int = 0) -> int:
         """Wait for TX chain `head` to complete; its used length."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        st = self._pairs[pair]
+        tx = self.tx_of(pair)
         while True:
-            for i, (h, length) in enumerate(self.tx_done):
+            for i, (h, length) in enumerate(st.tx_done):
                 if h == head:
-                    del self.tx_done[i]
+                    del st.tx_done[i]
                     return length
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"TX head {head} did not complete")
-            if not self.reap_tx():
-                select.select([self.tx.callfd], [], [], min(left, POLL_SLICE))
-                _drain_eventfd(self.tx.callfd)
+            if not self.reap_tx(pair=pair):
+                select.select([tx.callfd], [], [], min(left, POLL_SLICE))
+                _drain_eventfd(tx.callfd)

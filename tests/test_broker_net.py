@@ -25,6 +25,7 @@ TAP = "rft-vm1-0"
 NIC1 = f'{{ tap = "{TAP}", bridge = "{BRIDGE}", mac = "52:54:00:12:34:56", mtu = 1400 }}'
 VM1_NIC = f'group = "tenant-a"\nuser = "rf-vm1"\nnics = [ {NIC1} ]'
 VM2 = 'group = "tenant-a"\nuser = "rf-vm2"\ndisks = [ { image = "vm2.raw" } ]'
+VM1_MQ = VM1_NIC.replace("mtu = 1400", "mtu = 1400, queues = 2")
 
 
 @dataclass
@@ -55,15 +56,17 @@ def net_deployment() -> Iterator[NetDeployment]:
         deploy.stop_broker()
 
 
-def exchange(sock_path: str, peer: socket.socket, bridge_mac: bytes) -> tuple[bytes, list[bytes]]:
-    """As the VM: one UDP frame to the peer, one from it; (what the peer got, what we got)."""
-    with NetFrontend.open(sock_path) as dev:
-        dev.post_rx()
+def exchange(sock_path: str, peer: socket.socket, bridge_mac: bytes, *, pairs: int = 1,
+             pair: int = 0) -> tuple[bytes, list[bytes]]:
+    """As the VM: one UDP frame to the peer on queue pair `pair`, one from it (the tap steers
+    the reply to the queue the flow came from); (what the peer got, what we got)."""
+    with NetFrontend.open(sock_path, queue_pairs=pairs) as dev:
+        dev.post_rx(pair=pair)
         port = peer.getsockname()[1]
-        dev.send(udp_frame(bridge_mac, b"from the guest", 7000, port))
+        dev.send(udp_frame(bridge_mac, b"from the guest", 7000, port), pair=pair)
         got = peer.recv(100)
         peer.sendto(b"to the guest", (GUEST_IP, 7000))
-        return got, receive_udp(dev, 1, 7000)
+        return got, receive_udp(dev, 1, 7000, pair=pair)
 
 
 def test_broker_creates_the_tap_on_the_bridge_and_the_confined_backend_serves_it(
@@ -93,6 +96,38 @@ def test_broker_creates_the_tap_on_the_bridge_and_the_confined_backend_serves_it
     assert backend["violations"] == []
     assert any("/dev/net/tun" in json.dumps(fd) for fd in backend["fds"])
     assert backend["seccomp"] == 2
+
+
+def test_a_multi_queue_nic_is_handed_over_as_one_tap_fd_per_queue_pair(
+        net_deployment: NetDeployment) -> None:
+    deploy = net_deployment.deploy
+    deploy.write_policy({"vm1": VM1_MQ, "vm2": VM2})
+    assert "READY=1" in deploy.start_broker(netns=net_deployment.ns)
+    tap = net_deployment.link(TAP)
+    bridge = net_deployment.link(BRIDGE)
+    assert tap is not None and bridge is not None
+    assert tap["linkinfo"]["info_data"]["multi_queue"] is True and tap["master"] == BRIDGE
+
+    # ADD_NET carried the socket and both queues: the confined backend holds two tap FDs.
+    report = json.loads(ringfence("audit", "--policy", str(deploy.policy), "--json").stdout)
+    (backend,) = [p for p in report["processes"] if p["role"] == "backend"]
+    assert backend["violations"] == [] and backend["seccomp"] == 2
+    assert sum("/dev/net/tun" in json.dumps(fd) for fd in backend["fds"]) == 2
+
+    peer = udp_socket(net_deployment.ns, PEER_IP)
+    peer.settimeout(5)
+    bridge_mac = bytes.fromhex(bridge["address"].replace(":", ""))
+    got, received = as_user("rf-vm1", lambda: exchange(deploy.nic_socket("vm1"), peer,
+                                                       bridge_mac, pairs=2, pair=1))
+    peer.close()
+    assert got == b"from the guest" and received == [b"to the guest"]
+
+    (nic,) = deploy.status()["groups"]["tenant-a"]["nics"]
+    assert (nic["vm"], nic["nic"], nic["tap"], nic["queues"]) == ("vm1", 0, TAP, 2)
+    assert nic["pairs"][1]["tx_frames"] == 1 and nic["pairs"][1]["rx_frames"] >= 1
+    assert nic["pairs"][0]["tx_frames"] == 0
+    assert nic["tx_frames"] == 1 and nic["tx_bytes"] > 0 and nic["rx_frames"] >= 1
+    assert nic["kicks"] >= 1 and nic["drops"] == [] and nic["tx_dropped"] == 0
 
 
 def test_removing_the_vm_deletes_its_tap_and_stopping_leaves_none(

@@ -16,7 +16,9 @@ import pytest
 from broker.fdpass import (
     HEADER,
     MAGIC,
+    MAX_FDS,
     MAX_FRAME,
+    MAX_NET_QUEUES,
     TO_BACKEND,
     TO_BROKER,
     VERSION,
@@ -35,17 +37,24 @@ ADD_BLK = {"vm": "web1", "disk": 0, "socket": "/run/rf/vms/web1/disk0.sock", "re
 DEVICE = {"vm": "web1", "disk": 0, "socket": "/run/rf/vms/web1/disk0.sock", "connected": True,
           "requests": 12345, "bytes": 50565120, "kicks": 99, "interrupts": 120, "p50_us": 80,
           "p99_us": 310, "p999_us": 900, "throttled_ms": 0}
+NIC = {"vm": "web1", "nic": 0, "socket": "/run/rf/vms/web1/nic0.sock", "tap": "rf-web1-0",
+       "connected": True, "queues": 2, "tx_frames": 10, "tx_bytes": 6000, "rx_frames": 12,
+       "rx_bytes": 9000, "tx_dropped": 1, "rx_dropped": 0, "kicks": 7, "interrupts": 9,
+       "drops": [{"reason": "oversized", "count": 1}],
+       "pairs": [{"rx_frames": 8, "tx_frames": 6}, {"rx_frames": 4, "tx_frames": 4}]}
+ADD_NET = {"vm": "web1", "nic": 0, "socket": "/run/rf/vms/web1/nic0.sock", "tap": "rf-web1-0",
+           "mac": "52:54:00:12:34:56", "mtu": 1500, "queues": 1}
 SAMPLES: dict[Kind, dict[str, Any]] = {
     Kind.ADD_BLK: ADD_BLK,
-    Kind.ADD_NET: {"vm": "web1", "nic": 0, "socket": "/run/rf/vms/web1/nic0.sock",
-                   "tap": "rf-web1-0", "mac": "52:54:00:12:34:56", "mtu": 1500, "queues": 1},
+    Kind.ADD_NET: ADD_NET,
     Kind.REMOVE_VM: {"vm": "web1"},
     Kind.STATUS: {},
     Kind.STOP: {},
     Kind.SET_QOS: {"vm": "web1", "weight": 2, "priority": "high", "iops_limit": 2000,
                    "bps_limit": 0, "burst_milli": 1500},
     Kind.READY: {"devices": 3},
-    Kind.STATUS_REPLY: {"devices": [DEVICE, {**DEVICE, "disk": 1, "connected": False}]},
+    Kind.STATUS_REPLY: {"devices": [DEVICE, {**DEVICE, "disk": 1, "connected": False}],
+                        "nics": [NIC]},
     Kind.ERROR: {"vm": "web1", "message": "disk0: guest ring is broken"},
 }
 
@@ -86,12 +95,31 @@ def write_end_is_closed_everywhere(read_fd: int) -> bool:
 @pytest.mark.parametrize("kind", list(Kind))
 def test_every_kind_round_trips(kind: Kind) -> None:
     data = encode_frame(kind, SAMPLES[kind])
-    assert decode_frame(data, fd_count(kind)) == Frame(kind, SAMPLES[kind])
+    assert decode_frame(data, fd_count(kind, SAMPLES[kind])) == Frame(kind, SAMPLES[kind])
 
 
 def test_only_add_blk_and_add_net_carry_fds() -> None:
-    assert {kind: fd_count(kind) for kind in Kind if fd_count(kind)} == {Kind.ADD_BLK: 2,
-                                                                         Kind.ADD_NET: 2}
+    assert {kind: fd_count(kind, SAMPLES[kind]) for kind in Kind
+            if fd_count(kind, SAMPLES[kind])} == {Kind.ADD_BLK: 2, Kind.ADD_NET: 2}
+
+
+@pytest.mark.parametrize("queues", [1, 2, MAX_NET_QUEUES])
+def test_add_net_carries_one_fd_per_queue_pair_plus_the_socket(queues: int) -> None:
+    fields = {**ADD_NET, "queues": queues}
+    assert fd_count(Kind.ADD_NET, fields) == 1 + queues <= MAX_FDS
+    frame = decode_frame(encode_frame(Kind.ADD_NET, fields), 1 + queues)
+    assert frame.fields["queues"] == queues
+    with pytest.raises(FrameError, match=f"came with {queues} file descriptors, expected "
+                                         f"{queues + 1} for {queues} queues"):
+        decode_frame(encode_frame(Kind.ADD_NET, fields), queues)
+
+
+@pytest.mark.parametrize("queues", [0, MAX_NET_QUEUES + 1])
+def test_add_net_with_a_queue_count_out_of_range_is_refused(queues: int) -> None:
+    with pytest.raises(FrameError, match=rf"ADD_NET\.queues is {queues}, not from 1 to 8"):
+        decode_frame(json_frame(Kind.ADD_NET, {**ADD_NET, "queues": queues}), 1 + queues)
+    with pytest.raises(FrameError, match=r"ADD_NET\.queues"):
+        encode_frame(Kind.ADD_NET, {**ADD_NET, "queues": queues})
 
 
 def test_non_ascii_text_round_trips_as_utf8() -> None:
@@ -125,10 +153,19 @@ def test_non_ascii_text_round_trips_as_utf8() -> None:
     (json_frame(Kind.ADD_BLK, {**ADD_BLK, "disk": -1}), 2, "ADD_BLK.disk is not an integer"),
     (json_frame(Kind.ADD_BLK, {**ADD_BLK, "disk": 1.0}), 2, "ADD_BLK.disk is not an integer"),
     (json_frame(Kind.ADD_BLK, {**ADD_BLK, "num_queues": 1 << 63}), 2, "not an integer"),
-    (json_frame(Kind.STATUS_REPLY, {"devices": {}}), 0, "STATUS_REPLY.devices is not a list"),
-    (json_frame(Kind.STATUS_REPLY, {"devices": [DEVICE, 1]}), 0,
+    (json_frame(Kind.STATUS_REPLY, {"devices": {}, "nics": []}), 0,
+     "STATUS_REPLY.devices is not a list"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [DEVICE, 1], "nics": []}), 0,
      "STATUS_REPLY.devices[1] is not a JSON object"),
-    (json_frame(Kind.STATUS_REPLY, {"devices": [{**DEVICE, "connected": "yes"}]}), 0,
+    (json_frame(Kind.STATUS_REPLY, {"devices": []}), 0,
+     "STATUS_REPLY has fields ['devices'], expected ['devices', 'nics']"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [], "nics": [{**NIC, "drops": [{"x": 1}]}]}),
+     0, "STATUS_REPLY.nics[0].drops[0] has fields ['x']"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [], "nics": [{**NIC, "pairs": [{
+        "rx_frames": -1, "tx_frames": 0}]}]}), 0,
+     "STATUS_REPLY.nics[0].pairs[0].rx_frames is not an integer"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [{**DEVICE, "connected": "yes"}],
+                                    "nics": []}), 0,
      "STATUS_REPLY.devices[0].connected is not a bool"),
 ])
 def test_malformed_frames_rejected(data: bytes, nfds: int, needle: str) -> None:
@@ -139,8 +176,12 @@ def test_malformed_frames_rejected(data: bytes, nfds: int, needle: str) -> None:
 @pytest.mark.parametrize(("data", "where"), [
     (raw_frame(Kind.ERROR, b'{"vm":"web1","message":"\\ud800"}'), "ERROR.message"),
     (raw_frame(Kind.ERROR, b'{"vm":"web1","message":"ok \\udfff then"}'), "ERROR.message"),
-    (json_frame(Kind.STATUS_REPLY, {"devices": [DEVICE, {**DEVICE, "vm": "\udc80"}]}),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [DEVICE, {**DEVICE, "vm": "\udc80"}],
+                                    "nics": []}),
      "STATUS_REPLY.devices[1].vm"),
+    (json_frame(Kind.STATUS_REPLY, {"devices": [], "nics": [{**NIC, "drops": [
+        {"reason": "\udc80", "count": 1}]}]}),
+     "STATUS_REPLY.nics[0].drops[0].reason"),
 ])
 def test_string_with_a_lone_surrogate_is_refused_so_every_accepted_frame_re_encodes(
         data: bytes, where: str) -> None:
@@ -206,6 +247,23 @@ def test_add_blk_carries_a_working_listening_socket_and_image(
     os.close(got_image)
 
 
+def test_add_net_carries_the_socket_and_every_tap_queue_in_order(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    broker, backend = pair
+    fields = {**ADD_NET, "queues": MAX_NET_QUEUES}
+    pipes = [os.pipe() for _ in range(1 + MAX_NET_QUEUES)]
+    send_frame(broker, Kind.ADD_NET, fields, [w for _r, w in pipes])
+    received = recv_frame(backend, TO_BACKEND)
+    assert received is not None
+    frame, fds = received
+    assert frame == Frame(Kind.ADD_NET, fields) and len(fds) == 1 + MAX_NET_QUEUES
+    for index, ((read_end, write_end), got) in enumerate(zip(pipes, fds, strict=True)):
+        os.write(got, bytes([index]))  # FD i arrives as FD i
+        assert os.read(read_end, 1) == bytes([index])
+        for fd in (read_end, write_end, got):
+            os.close(fd)
+
+
 def test_replies_travel_back_to_the_broker(pair: tuple[socket.socket, socket.socket]) -> None:
     broker, backend = pair
     send_frame(backend, Kind.STATUS_REPLY, SAMPLES[Kind.STATUS_REPLY])
@@ -235,7 +293,10 @@ def test_send_with_the_wrong_number_of_fds_sends_nothing(
     (raw_frame(Kind.ERROR, b" " * MAX_FRAME), 2, f"larger than {MAX_FRAME} bytes"),
     (encode_frame(Kind.READY, {"devices": 1}), 2, "not accepted in this direction"),
     (encode_frame(Kind.ADD_BLK, ADD_BLK), 1, "ADD_BLK came with 1 file descriptors"),
-    (encode_frame(Kind.ADD_BLK, ADD_BLK), 3, "more than 2 file descriptors"),
+    (encode_frame(Kind.ADD_BLK, ADD_BLK), 3, "ADD_BLK came with 3 file descriptors"),
+    # (MAX_FDS + 1 still fit the control buffer, which the kernel rounds up to 8 bytes)
+    (encode_frame(Kind.ADD_BLK, ADD_BLK), MAX_FDS + 2, f"more than {MAX_FDS} file descriptors"),
+    (encode_frame(Kind.ADD_NET, {**ADD_NET, "queues": 2}), 2, "expected 3 for 2 queues"),
     (json_frame(Kind.ADD_BLK, {**ADD_BLK, "readonly": 1}), 2, "ADD_BLK.readonly is not a bool"),
 ])
 def test_rejected_frames_have_their_fds_closed(pair: tuple[socket.socket, socket.socket],

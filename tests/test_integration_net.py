@@ -24,6 +24,7 @@ from tests.devproc import DevBackend, wait_until
 from tests.frontend import (
     NET_F_CSUM,
     NET_F_GUEST_CSUM,
+    NET_F_MQ,
     NET_F_MRG_RXBUF,
     NET_HDR,
     NetFrontend,
@@ -63,16 +64,15 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
 
 
 def udp_frame(dst_mac: bytes, payload: bytes, sport: int, dport: int, *,
-              partial_csum: bool = False) -> bytes:
+              partial_csum: bool = False, src: str = GUEST_IP, dst: str = PEER_IP) -> bytes:
     length = 8 + len(payload)
-    pseudo = socket.inet_aton(GUEST_IP) + socket.inet_aton(PEER_IP) + struct.pack("!BBH", 0, 17,
-                                                                                   length)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17, length)
     if partial_csum:  # what a driver with checksum offload leaves: the pseudo-header sum only
         csum = ~checksum(pseudo) & 0xFFFF
     else:
         csum = checksum(pseudo + struct.pack("!HHHH", sport, dport, length, 0) + payload) or 0xFFFF
     segment = struct.pack("!HHHH", sport, dport, length, csum) + payload
-    return eth(dst_mac, GUEST_MAC, ETH_P_IP, ipv4(GUEST_IP, PEER_IP, 17, segment))
+    return eth(dst_mac, GUEST_MAC, ETH_P_IP, ipv4(src, dst, 17, segment))
 
 
 def arp_request(target_ip: str) -> bytes:
@@ -146,12 +146,14 @@ def peer(env: NetEnv) -> Iterator[socket.socket]:
     sock.close()
 
 
-def receive_udp(dev: NetFrontend, count: int, port: int) -> list[bytes]:
-    """The payloads of the next `count` UDP frames to `port` (other frames are skipped)."""
+def receive_udp(dev: NetFrontend, count: int, port: int, *, pair: int = 0) -> list[bytes]:
+    """The payloads of the next `count` UDP frames to `port` on queue pair `pair` (other
+    frames are skipped)."""
     got: list[bytes] = []
     deadline = time.monotonic() + 10
     while len(got) < count:
-        for _hdr, frame in dev.receive(1, timeout=max(deadline - time.monotonic(), 0.01)):
+        for _hdr, frame in dev.receive(1, timeout=max(deadline - time.monotonic(), 0.01),
+                                       pair=pair):
             parsed = udp_payload(frame)
             if parsed is not None and parsed[0] == port:
                 got.append(parsed[1])
@@ -341,6 +343,93 @@ def test_rx_chain_with_a_readable_descriptor_breaks_the_device(env: NetEnv,
         env.backend.wait_for_line(env.sockets[0], "vring 0 broken", "device-readable",
                                   since=mark)
         assert dev.conn.wait_closed(5)
+
+
+# --- multiqueue: queue pair i on tap queue i -------------------------------------------------
+
+MQ_PEER_IP = "10.99.2.1"
+MQ_GUEST_IP = "10.99.2.2"
+
+
+@pytest.fixture(scope="module")
+def mq_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEnv]:
+    """One backend serving a two-queue tap rftm0 (a multi-queue tap, one FD per queue pair);
+    its host side is 10.99.2.1, the guest 10.99.2.2."""
+    directory = tmp_path_factory.mktemp("mq")
+    socks = [str(directory / "mq.sock")]
+    with netns() as ns:
+        for key in ("all", "default"):
+            os.system(f"ip netns exec {ns} sysctl -q -w net.ipv6.conf.{key}.disable_ipv6=1")
+        with DevBackend({}, nets={socks[0]: "rftm0,queues=2"}, netns=ns) as backend:
+            macs = [_setup_tap(ns, "rftm0", MQ_PEER_IP, MQ_GUEST_IP)]
+            yield NetEnv(ns, backend, socks, macs)
+
+
+@pytest.fixture
+def mq(mq_env: NetEnv) -> Iterator[NetEnv]:
+    assert mq_env.backend.alive(), mq_env.backend.log()
+    yield mq_env
+    mq_env.backend.wait_until_free(mq_env.sockets[0])
+    assert mq_env.backend.alive(), mq_env.backend.log()
+
+
+def test_multi_queue_nic_offers_mq_and_one_pair_per_tap_queue(mq: NetEnv) -> None:
+    with NetFrontend.open(mq.sockets[0], queue_pairs=2) as dev:
+        assert dev.conn.get_queue_num() == 2  # queue pairs, as QEMU compares with queues=2
+        assert dev.features & (1 << NET_F_MQ)
+        assert len(dev.queues) == 4
+    info = json.loads(ns_ip(mq.ns, "-j", "-d", "link", "show", "rftm0").stdout)[0]
+    assert info["linkinfo"]["info_data"]["multi_queue"] is True
+
+
+def test_frames_of_queue_pair_1_go_out_and_come_back_on_tap_queue_1(
+        mq: NetEnv) -> None:
+    """What the guest sends on pair i leaves through tap queue i; the tap steers the replies
+    of that flow to the queue it came from (rx follows tx), and they arrive on pair i."""
+    peer = udp_socket(mq.ns, MQ_PEER_IP)
+    peer.settimeout(5)
+    port = peer.getsockname()[1]
+    with NetFrontend.open(mq.sockets[0], queue_pairs=2) as dev:
+        for pair in (0, 1):
+            dev.post_rx(pair=pair)
+        for pair, sport in ((1, 7101), (0, 7100), (1, 7103)):
+            payload = f"on pair {pair}".encode()
+            frame = udp_frame(mq.peer_macs[0], payload, sport, port, src=MQ_GUEST_IP,
+                              dst=MQ_PEER_IP)
+            assert dev.wait_tx(dev.send(frame, pair=pair), pair=pair) == 0
+            got, (_host, reply_port) = peer.recvfrom(100)
+            assert got == payload and reply_port == sport
+            peer.sendto(f"back to pair {pair}".encode(), (MQ_GUEST_IP, sport))
+            assert receive_udp(dev, 1, sport, pair=pair) == [f"back to pair {pair}".encode()]
+        assert dev.reap_rx(pair=1 - pair) == []  # nothing strayed onto the other pair
+    peer.close()
+
+
+def test_a_pair_the_driver_disables_has_its_tap_queue_detached_so_no_frame_waits_there(
+        mq: NetEnv) -> None:
+    """With pair 1 disabled (a guest with fewer vCPUs than pairs), the host's frames of every
+    flow reach pair 0; enabled again, its tap queue is back."""
+    mark = mq.backend.log_mark()
+    peer_socks = [udp_socket(mq.ns, MQ_PEER_IP) for _ in range(16)]  # 16 flows
+    with NetFrontend.open(mq.sockets[0], queue_pairs=2, enabled_pairs=1) as dev:
+        mq.backend.wait_for_line("queue 1 of tap rftm0 detached", since=mark)
+        dev.post_rx()
+        dev.post_rx(pair=1)
+        for i, sock in enumerate(peer_socks):
+            sock.sendto(f"flow {i}".encode(), (MQ_GUEST_IP, 7200))
+        got = receive_udp(dev, len(peer_socks), 7200)
+        assert sorted(got) == sorted(f"flow {i}".encode() for i in range(len(peer_socks)))
+        assert dev.reap_rx(pair=1) == []
+        dev.set_pairs(2)
+        mq.backend.wait_for_line("queue 1 of tap rftm0 attached", since=mark)
+        dev.set_pairs(1)
+        wait_until(lambda: mq.backend.log()[mark:].count("queue 1 of tap rftm0 detached") == 2,
+                   5, "the queue detached again")
+    for sock in peer_socks:
+        sock.close()
+    # The connection gone, the queue is attached again for whoever connects next.
+    wait_until(lambda: mq.backend.log()[mark:].count("queue 1 of tap rftm0 attached") == 2, 5,
+               "the queue attached after the front-end left")
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ import pytest
 
 from backend.net import (
     CONFIG,
+    DROP_BAD_HEADER,
+    DROP_OVERSIZED,
+    DROP_REASONS,
+    DROP_SHORT,
+    DROP_WRITABLE,
     ETH_HLEN,
     F_CSUM,
     F_GUEST_CSUM,
@@ -21,6 +26,7 @@ from backend.net import (
     F_HOST_TSO4,
     F_HOST_TSO6,
     F_MAC,
+    F_MQ,
     F_MRG_RXBUF,
     F_MTU,
     F_STATUS,
@@ -35,6 +41,7 @@ from backend.net import (
     HEADER,
     HEADER_SIZE,
     MAX_FRAME,
+    MAX_QUEUE_PAIRS,
     STATUS_LINK_UP,
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -122,19 +129,36 @@ def test_header_split_over_descriptors_is_joined() -> None:
     assert check_tx_chain(views(header[:5], header[5:], FRAME), [], ALL).csum_start == 34
 
 
-@pytest.mark.parametrize(("readable", "writable", "reason"), [
-    ([hdr() + FRAME], [b"x" * 16], "device-writable descriptors"),
-    ([], [hdr() + FRAME], "device-writable descriptors"),  # the header in a write-only one
-    ([], [], "chain of 0 bytes is shorter than the header"),
-    ([hdr()[:8]], [], "chain of 8 bytes is shorter than the header"),
-    ([hdr()], [], "a header and no frame"),
-    ([hdr(), bytes(ETH_HLEN - 1)], [], "shorter than an Ethernet header"),
-    ([hdr(), bytes(MAX_FRAME), b"x"], [], f"exceeds {MAX_FRAME}"),
-    ([hdr(HDR_F_DATA_VALID), FRAME], [], "not for transmit"),
+@pytest.mark.parametrize(("readable", "writable", "reason", "counted_as"), [
+    ([hdr() + FRAME], [b"x" * 16], "device-writable descriptors", DROP_WRITABLE),
+    # the header in a write-only descriptor
+    ([], [hdr() + FRAME], "device-writable descriptors", DROP_WRITABLE),
+    ([], [], "chain of 0 bytes is shorter than the header", DROP_SHORT),
+    ([hdr()[:8]], [], "chain of 8 bytes is shorter than the header", DROP_SHORT),
+    ([hdr()], [], "a header and no frame", DROP_SHORT),
+    ([hdr(), bytes(ETH_HLEN - 1)], [], "shorter than an Ethernet header", DROP_SHORT),
+    ([hdr(), bytes(MAX_FRAME), b"x"], [], f"exceeds {MAX_FRAME}", DROP_OVERSIZED),
+    ([hdr(HDR_F_DATA_VALID), FRAME], [], "not for transmit", DROP_BAD_HEADER),
+    ([hdr(HDR_F_NEEDS_CSUM, csum_start=60), FRAME], [], "outside", DROP_BAD_HEADER),
 ])
-def test_chain_rejections(readable: list[bytes], writable: list[bytes], reason: str) -> None:
-    with pytest.raises(NetHeaderError, match=reason):
+def test_chain_rejections(readable: list[bytes], writable: list[bytes], reason: str,
+                          counted_as: str) -> None:
+    with pytest.raises(NetHeaderError, match=reason) as caught:
         check_tx_chain(views(*readable), views(*writable), ALL)
+    assert caught.value.reason == counted_as in DROP_REASONS
+
+
+def test_drop_reasons_stay_a_fixed_set_however_the_guest_varies_its_frames() -> None:
+    """The counters are keyed by reason name, not by message: a guest that varies lengths and
+    offsets cannot grow them (the message, with its numbers, is only logged)."""
+    reasons = set()
+    for n in range(1, 200):
+        for chain in ([hdr(), bytes(n % ETH_HLEN)], [hdr()[: n % HEADER_SIZE]],
+                      [hdr(HDR_F_NEEDS_CSUM, csum_start=59 + n), FRAME]):
+            with pytest.raises(NetHeaderError) as caught:
+                check_tx_chain(views(*chain), [], ALL)
+            reasons.add(caught.value.reason)
+    assert reasons == {DROP_SHORT, DROP_BAD_HEADER}
 
 
 def test_largest_frame_passes() -> None:
@@ -173,6 +197,7 @@ def test_tap_offloads_follow_the_guest_features(features: int, offloads: int) ->
 def test_tun_constants_agree_between_broker_and_backend() -> None:
     assert taps.TUNSETOFFLOAD == TUNSETOFFLOAD
     assert taps.VNET_HDR_SIZE == HEADER_SIZE
+    assert taps.MAX_QUEUES == MAX_QUEUE_PAIRS
 
 
 # --- the device over a real tap -------------------------------------------------------------
@@ -219,6 +244,44 @@ def test_device_refuses_an_fd_that_is_not_a_tap() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.fixture
+def mq_tap_fds() -> Iterator[list[int]]:
+    with netns() as ns:
+        with inside(ns):
+            fds = taps.open_tun_queues("rft-unit1", 2)
+        try:
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_single_queue_device_has_one_pair_and_no_mq(tap_fd: int) -> None:
+    dev = NetDevice(tap_fd, mac=bytes.fromhex("525400123456"))
+    assert (dev.num_queues, dev.vhost_queue_num, len(dev.pairs)) == (2, 1, 1)
+    assert not dev.device_features & F_MQ
+
+
+def test_multi_queue_device_offers_mq_and_a_pair_per_tap_queue(mq_tap_fds: list[int]) -> None:
+    for fd in mq_tap_fds:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    dev = NetDevice(mq_tap_fds, mac=bytes.fromhex("525400123456"), mtu=1500)
+    assert dev.device_features & F_MQ
+    # virtqueues 0..3 = rx0, tx0, rx1, tx1; GET_QUEUE_NUM counts pairs (QEMU's queues=N)
+    assert (dev.num_queues, dev.vhost_queue_num) == (4, 2)
+    assert [p.tap_fd for p in dev.pairs] == mq_tap_fds
+    assert CONFIG.unpack(dev.config())[2] == 2  # max_virtqueue_pairs
+    for fd in mq_tap_fds:  # every tap queue is served by the loop: none may block it
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+def test_device_refuses_more_queue_pairs_than_it_serves(mq_tap_fds: list[int]) -> None:
+    with pytest.raises(ValueError, match=f"a NIC has 1 to {MAX_QUEUE_PAIRS}"):
+        NetDevice(mq_tap_fds * 5, mac=bytes.fromhex("525400123456"))
+    with pytest.raises(ValueError, match="0 tap queues"):
+        NetDevice([], mac=bytes.fromhex("525400123456"))
 
 
 def test_device_refuses_a_mac_of_the_wrong_length(tap_fd: int) -> None:

@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import termios
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,14 @@ import pyseccomp
 import pytest
 
 from backend.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
-from backend.net import TUN_F_CSUM, TUNSETOFFLOAD
-from broker.taps import TUNSETIFF, TUNSETVNETHDRSZ, open_tun
+from backend.net import (
+    IFF_ATTACH_QUEUE,
+    IFF_DETACH_QUEUE,
+    TUN_F_CSUM,
+    TUNSETOFFLOAD,
+    TUNSETQUEUE,
+)
+from broker.taps import TUNSETIFF, TUNSETVNETHDRSZ, open_tun_queues
 from sandbox.namespaces import CLONE_NEWNET, unshare
 from sandbox.seccomp_policy import (
     CONSTANTS,
@@ -90,7 +97,8 @@ class Kit:
     b: socket.socket
     broken_pipe: int  # the write end of a pipe whose read end is closed
     mapping: int  # address of one private anonymous page
-    tap: int  # a tap, in a network namespace of the child's own
+    tap: int  # queue 0 of a two-queue tap, in a network namespace of the child's own
+    tap1: int  # its queue 1
     sigpipes: list[int] = field(default_factory=list)
 
     @classmethod
@@ -98,7 +106,7 @@ class Kit:
         # First into a network namespace of our own: the tap (and the abstract socket below)
         # live and die with this child, and the host's interfaces are never touched.
         unshare(CLONE_NEWNET)
-        tap = open_tun("rf-probe0")
+        tap, tap1 = open_tun_queues("rf-probe0", 2)
         image = os.open(directory / f"image.{os.getpid()}", os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(image, 1 << 20)
         memfd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
@@ -119,9 +127,9 @@ class Kit:
         mapping = sc("mmap", None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         kit = cls(image, memfd, efd, select.epoll(), listener, client, a, b, broken_pipe, mapping,
-                  tap)
+                  tap, tap1)
         signal.signal(signal.SIGPIPE, lambda signum, _frame: kit.sigpipes.append(signum))
-        fds = [image, memfd, efd, kit.epoll.fileno(), broken_pipe, tap,
+        fds = [image, memfd, efd, kit.epoll.fileno(), broken_pipe, tap, tap1,
                *(s.fileno() for s in (listener, client, a, b))]
         return kit, fds
 
@@ -186,7 +194,11 @@ CASES: dict[str, Case] = {
                KILLED)]),
     "ioctl": Case(
         [Probe("ioctl", lambda k: k.a.setblocking(False)),
-         Probe("ioctl", lambda k: fcntl.ioctl(k.tap, TUNSETOFFLOAD, TUN_F_CSUM))],
+         Probe("ioctl", lambda k: fcntl.ioctl(k.tap, TUNSETOFFLOAD, TUN_F_CSUM)),
+         # A disabled queue pair's tap queue leaves and comes back, with no capability.
+         Probe("ioctl", lambda k: (
+             fcntl.ioctl(k.tap1, TUNSETQUEUE, struct.pack("16sH22x", b"", IFF_DETACH_QUEUE)),
+             fcntl.ioctl(k.tap1, TUNSETQUEUE, struct.pack("16sH22x", b"", IFF_ATTACH_QUEUE))))],
         # TIOCSTI would type into a terminal the process holds; TUNSETIFF would attach the tap
         # FD to another interface, TUNSETVNETHDRSZ change the frame layout the broker set.
         [raw("ioctl", lambda k: (2, termios.TIOCSTI, b"x"), KILLED),
@@ -447,6 +459,7 @@ def test_constants_are_this_platforms_values() -> None:
     assert CONSTANTS["FIONBIO"] == termios.FIONBIO
     assert CONSTANTS["FALLOC_FL_ZERO_RANGE"] == FALLOC_FL_ZERO_RANGE
     assert CONSTANTS["TUNSETOFFLOAD"] == TUNSETOFFLOAD
+    assert CONSTANTS["TUNSETQUEUE"] == TUNSETQUEUE
 
 
 # --- compiling ----------------------------------------------------------------------------
