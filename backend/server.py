@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
+import itertools
 import logging
 import os
 import select
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ from backend.net import NetDevice
 from backend.scheduler import Qos, Scheduler
 from backend.session import RingSetup, Session
 from backend.vhost_user import (
+    HEADER_SIZE,
     MAX_FDS_PER_MESSAGE,
     MemRegion,
     MessageReader,
@@ -39,10 +43,29 @@ log = logging.getLogger(__name__)
 
 RECV_BYTES = 65536
 MAX_PENDING_OUTPUT = 1 << 20
+# A front-end's control messages are handled at most MSG_BUDGET per loop iteration; the rest
+# wait in its reader (one recv's worth at most: nothing more is read until they are handled)
+# for the next iteration, so a ring waits for at most that many messages of any front-end.
+# Over time, handling one device's messages may take CONTROL_SHARE of the loop's time, after a
+# burst of CONTROL_BURST seconds (far more than setting up a device takes); a device over its
+# share is not read again until CONTROL_RESUME seconds of handling are due to it once more.
+MSG_BUDGET = 8
+CONTROL_SHARE = 0.03
+CONTROL_BURST = 0.01
+CONTROL_RESUME = 0.001
+# Front-ends a device accepts (including those refused as a second front-end), as a token
+# bucket: ACCEPT_BURST at once, then ACCEPT_RATE a second. QEMU reconnects within seconds;
+# a front-end reconnecting in a tight loop waits in the listen backlog instead of costing
+# the other devices the loop's time.
+ACCEPT_RATE = 20.0
+ACCEPT_BURST = 20
+# A throttled device is logged at most this often (seconds).
+THROTTLE_LOG_INTERVAL = 10.0
 _ONE = (1).to_bytes(8, "little")
 _PEERCRED = struct.Struct("3i")
 
 Handler = Callable[[int], None]
+_NOTHING: list[Callable[[], None]] = []  # never appended to: no deferred work
 
 
 def set_nonblocking(fd: int) -> None:
@@ -100,6 +123,31 @@ def _open_queue(
                       addr.used_user_addr, base, event_idx=event_idx)
 
 
+class TokenBucket:
+    """`rate` tokens a second accumulate up to `burst`; spending may run into debt."""
+
+    __slots__ = ("at", "burst", "clock", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = burst
+        self.at = clock()
+
+    def refill(self) -> float:
+        """The tokens available now."""
+        now = self.clock()
+        tokens = self.tokens + (now - self.at) * self.rate
+        self.tokens = tokens if tokens < self.burst else self.burst
+        self.at = now
+        return self.tokens
+
+    def wait(self, need: float) -> float:
+        """Seconds until `need` tokens are available (as of the last refill)."""
+        return max(need - self.tokens, 0.0) / self.rate
+
+
 @dataclass(eq=False)
 class Ring:
     """A started vring: the queue over guest memory, its eventfds and its dispatch state."""
@@ -132,6 +180,12 @@ class Connection:
         self.call_fds: dict[int, int | None] = {}
         self.output = bytearray()
         self.closed = False
+        # Messages wait in the reader (beyond this iteration's budget, or the device's share
+        # of the loop's time): the socket is not watched for input until a deferred or timed
+        # call of the loop has handled them.
+        self.deferred = False
+        self._resume_call = self._resume
+        self.events = select.EPOLLIN
         self.device_features = endpoint.device.device_features
         self.num_queues = endpoint.device.num_queues
         # Device-specific answers to GET_QUEUE_NUM / GET_PROTOCOL_FEATURES, where they differ.
@@ -147,10 +201,15 @@ class Connection:
     def on_socket(self, events: int) -> None:
         if events & select.EPOLLOUT:
             self._flush()
-        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not (
+                self.deferred or self.closed):
+            # (While deferred, a hang-up is found by the next recv, after the resume.)
             self._receive()
 
     def _receive(self) -> None:
+        if self.endpoint.control_time.refill() <= 0 and self.loop.rings_busy():
+            self._hold_back()  # the device used up its share of the loop: read nothing now
+            return
         try:
             data, fds, msg_flags, _addr = socket.recv_fds(
                 self.sock, RECV_BYTES, MAX_FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC
@@ -172,21 +231,90 @@ class Connection:
             return
         try:
             self.reader.feed(data, fds)
-            while not self.closed and (msg := self.reader.next_message()) is not None:
+        except ProtocolError as exc:
+            self.close(f"protocol error: {exc}")
+            return
+        self._work()
+
+    def _resume(self) -> None:
+        """The loop's deferred or timed call: go on with the buffered messages."""
+        if self.closed:
+            return
+        if self.endpoint.control_time.refill() <= 0 and self.loop.rings_busy():
+            self._hold_back()
+            return
+        self._work()
+
+    def _work(self) -> None:
+        """Handle a budget of messages, charge their time to the device while rings wait for
+        the loop, and arrange for the rest: next iteration, once the device is due more time,
+        or when more bytes arrive."""
+        bucket = self.endpoint.control_time
+        start = bucket.clock()
+        more = self._handle_messages()
+        if self.loop.rings_busy():
+            bucket.tokens -= bucket.clock() - start
+        if self.closed:
+            return
+        if not more:
+            if self.deferred:
+                self.deferred = False
+                self._watch()  # every buffered message handled: read the socket again
+            return
+        if not self.deferred:
+            self.deferred = True
+            self._watch()  # no more input until the buffered messages are handled
+        if bucket.tokens > 0 or not self.loop.rings_busy():
+            self.loop.defer(self._resume_call)
+        else:
+            self._hold_back()
+
+    def _hold_back(self) -> None:
+        """Stop reading until the device is due CONTROL_RESUME seconds of handling again."""
+        if not self.deferred:
+            self.deferred = True
+            self._watch()
+        bucket = self.endpoint.control_time
+        self.loop.call_later(bucket.wait(CONTROL_RESUME), self._resume_call)
+        self.endpoint.throttled("messages")
+
+    def _handle_messages(self) -> bool:
+        """Handle up to MSG_BUDGET buffered messages; True if more may wait in the reader."""
+        budget = MSG_BUDGET
+        reader = self.reader
+        try:
+            while not self.closed and (msg := reader.next_message()) is not None:
                 reply, failure = self.session.handle(msg)
                 if failure:
                     log.warning("%s: refused %s: %s", self.endpoint.name, msg.request_name(),
                                 failure)
                 if reply:
                     self._send(reply)
+                budget -= 1
+                if not budget:
+                    return not self.closed and len(reader.buffer) >= HEADER_SIZE
         except (ProtocolError, RingError) as exc:
             self.close(f"protocol error: {exc}")
         except Exception:
             # A bug reached by front-end input must cost this connection only, not the process.
             log.exception("%s: internal error while handling the front-end", self.endpoint.name)
             self.close("internal error")
+        return False
+
+    def _watch(self) -> None:
+        """Watch for input unless messages are deferred, and for output while replies wait."""
+        events = (0 if self.deferred else select.EPOLLIN) | (
+            select.EPOLLOUT if self.output else 0)
+        if events != self.events:
+            self.events = events
+            self.loop.modify(self.sock.fileno(), events)
 
     def _send(self, data: bytes) -> None:
+        if self.output:  # replies are waiting for the socket to drain (EPOLLOUT is watched)
+            self.output += data
+            if len(self.output) > MAX_PENDING_OUTPUT:
+                self.close("front-end does not read its replies")
+            return
         self.output += data
         self._flush()
 
@@ -203,8 +331,7 @@ class Connection:
         if len(self.output) > MAX_PENDING_OUTPUT:
             self.close("front-end does not read its replies")
             return
-        events = select.EPOLLIN | (select.EPOLLOUT if self.output else 0)
-        self.loop.modify(self.sock.fileno(), events)
+        self._watch()
 
     # --- SessionHost -------------------------------------------------------------------------
 
@@ -377,14 +504,61 @@ class Endpoint:
     connections_served: int = 0
     # Per virtqueue index, kept across reconnects so statistics add up over the device's life.
     runtimes: dict[int, RingRuntime] = field(default_factory=dict)
+    accept_rate: float = ACCEPT_RATE  # front-ends accepted a second, after a burst of
+    accept_burst: int = ACCEPT_BURST
+    accepted: int = 0  # sockets accepted, refused second front-ends included
+    accept_paused: bool = False  # the listener is not watched until a token returns
 
     def __post_init__(self) -> None:
         self.vm = self.vm or self.name
         self.listener.setblocking(False)
+        clock = self.loop.clock
+        self.accepts = TokenBucket(self.accept_rate, self.accept_burst, clock)
+        # Seconds of the loop's time this device's front-ends may spend on control messages.
+        self.control_time = TokenBucket(CONTROL_SHARE, CONTROL_BURST, clock)
+        # kind -> (throttled occasions not yet logged, when the next log line may be written)
+        self._throttle_log: dict[str, tuple[int, float]] = {}
         self.loop.dispatcher.add_vm(self.vm, self.qos)
         self.loop.register(self.listener.fileno(), select.EPOLLIN, self.on_accept)
 
+    def _pause_accepting(self) -> None:
+        """Stop watching the listener until the bucket holds a token again; front-ends
+        connecting meanwhile wait in the listen backlog."""
+        self.accept_paused = True
+        self.loop.modify(self.listener.fileno(), 0)
+        self.loop.call_later(self.accepts.wait(1.0), self._resume_accepting)
+        self.throttled("accepts")
+
+    def _resume_accepting(self) -> None:
+        if self.accept_paused and self.listener.fileno() >= 0:
+            self.accept_paused = False
+            self.loop.modify(self.listener.fileno(), select.EPOLLIN)
+
+    def throttled(self, kind: str) -> None:
+        """Log that this device's front-end is being throttled: at most once per
+        THROTTLE_LOG_INTERVAL for each kind, counting the occasions in between."""
+        now = self.loop.clock()
+        count, next_at = self._throttle_log.get(kind, (0, 0.0))
+        count += 1
+        if now >= next_at:
+            if kind == "accepts":
+                what = (f"front-ends connect faster than {self.accept_rate:g} a second; "
+                        "further ones wait in the listen backlog")
+            else:
+                what = ("its front-end's control messages took more than "
+                        f"{CONTROL_SHARE:.0%} of the I/O thread; the rest wait")
+            log.warning("%s: throttled: %s (%d time%s since the last report)", self.name, what,
+                        count, "" if count == 1 else "s")
+            count = 0
+            next_at = now + THROTTLE_LOG_INTERVAL
+        self._throttle_log[kind] = (count, next_at)
+
     def on_accept(self, _events: int) -> None:
+        if self.accept_paused:
+            return
+        if self.accepts.refill() < 1.0:
+            self._pause_accepting()
+            return
         try:
             sock, _addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -392,6 +566,8 @@ class Endpoint:
         except OSError as exc:
             log.error("%s: accept failed: %s", self.name, exc)
             return
+        self.accepts.tokens -= 1.0
+        self.accepted += 1
         pid, uid, gid = peer_credentials(sock)
         if self.connection is not None:
             log.warning("%s: refused a second front-end (pid %d uid %d): device already in use",
@@ -439,6 +615,13 @@ class Loop:
     def __init__(self, model: str = "shared", scheduler: Scheduler | None = None) -> None:
         self.epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
+        self.clock: Callable[[], float] = time.monotonic
+        # Work put off to the next iteration (a connection's messages beyond its budget): the
+        # loop does not sleep in epoll while there is some.
+        self.deferred: list[Callable[[], None]] = []
+        # (when, sequence, callback): a heap of calls the loop makes once their time comes.
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
         self.stopping = False
         self.signal_pair: tuple[socket.socket, ...] = ()
         self.shared = model == "shared"
@@ -466,10 +649,33 @@ class Loop:
             with contextlib.suppress(OSError):
                 self.epoll.unregister(fd)
 
+    def rings_busy(self) -> bool:
+        """Whether rings are being polled: work that the loop does besides serving them is
+        then taken from them (the shared model only; ring threads have their own time)."""
+        return bool(getattr(self.dispatcher, "polling", None))
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Call `callback` in the next iteration, which will not sleep in epoll."""
+        self.deferred.append(callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call `callback` in the first iteration at least `delay` seconds from now."""
+        heapq.heappush(self.timers, (self.clock() + delay, next(self._timer_seq), callback))
+
     def run_once(self, timeout: float = -1) -> None:
         wait = self.dispatcher.timeout()
         if timeout >= 0 and (wait < 0 or timeout < wait):
             wait = timeout
+        deferred = self.deferred
+        if deferred:
+            self.deferred = []  # what is deferred during this iteration waits for the next
+            wait = 0
+        else:
+            deferred = _NOTHING
+            if self.timers and wait != 0:
+                due = max(self.timers[0][0] - self.clock(), 0.0)
+                if wait < 0 or due < wait:
+                    wait = due
         events = self.epoll.poll(wait)
         handlers = self.handlers
         for fd, mask in events:
@@ -481,7 +687,23 @@ class Loop:
                     # Last line of defence: a bug must not take down every VM's device.
                     log.exception("internal error handling FD %d; dropping it", fd)
                     self.unregister(fd)
+        if self.timers:
+            self._run_timers()
+        for callback in deferred:
+            self._call(callback)
         self.dispatcher.run()
+
+    def _run_timers(self) -> None:
+        timers = self.timers
+        now = self.clock()
+        while timers and timers[0][0] <= now:
+            self._call(heapq.heappop(timers)[2])
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            log.exception("internal error in %r", callback)
 
     def _report_broken(self, ring: Ring, reason: str) -> None:
         self._broken.append((ring, reason))
