@@ -18,8 +18,10 @@ TX (odd queues, guest -> tap): `check_tx_chain` (sans-IO) decides whether a chai
 frame; one that may not (a device-writable descriptor, header only, shorter than an Ethernet
 header, over MAX_FRAME, a header asking for an offload that was not negotiated or pointing
 outside the frame) is dropped with a counter and completed with length 0. The rest go out
-with one writev() over views of guest memory. The tap validates what it accepts; a frame it
-refuses is dropped and counted too.
+with one writev(): the header as it was checked (a 12-byte host copy, so a guest that rewrites
+it after the check cannot hand the tap an offload that was not agreed: the tap takes any) and
+views of the frame in guest memory. The tap validates what it accepts; a frame it refuses is
+dropped and counted too.
 
 RX (even queues, tap -> guest): readv() from the tap straight into the guest's writable buffers,
 with a host overflow buffer behind them. A frame that fits the first chain costs no copy; a
@@ -146,14 +148,21 @@ class NetHeader:
     csum_offset: int
     num_buffers: int
 
+    def pack(self) -> bytes:
+        """The header's 12 bytes, as parsed: what goes to the tap in front of the frame."""
+        return HEADER.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                           self.csum_start, self.csum_offset, self.num_buffers)
+
 
 def parse_tx_header(data: bytes | memoryview, frame_len: int, features: int) -> NetHeader:
     """Validate the header a driver put in front of a `frame_len`-byte frame.
 
     Accepts only what the negotiated `features` allow and what stays inside the frame: a
-    checksum request needs VIRTIO_NET_F_CSUM and must lie in the frame; segmentation must be
-    TCPv4 / TCPv6 with HOST_TSO4 / HOST_TSO6, a checksum request and a non-zero segment size.
-    The tap re-checks all of it; this keeps what the backend writes to what was agreed.
+    checksum request needs VIRTIO_NET_F_CSUM and must lie in the frame; hdr_len must not pass
+    the frame's end (the tap refuses such a frame); segmentation must be TCPv4 / TCPv6 with
+    HOST_TSO4 / HOST_TSO6, a checksum request and a non-zero segment size. The tap re-checks
+    lengths and offsets but not the features (it takes UFO, ECN and DATA_VALID from anyone):
+    this keeps what the backend writes to what was agreed.
     """
     if len(data) < HEADER_SIZE:
         raise NetHeaderError(f"header is {len(data)} bytes, need {HEADER_SIZE}")
@@ -166,6 +175,8 @@ def parse_tx_header(data: bytes | memoryview, frame_len: int, features: int) -> 
         if hdr.csum_start + hdr.csum_offset + 2 > frame_len:
             raise NetHeaderError(f"checksum at {hdr.csum_start}+{hdr.csum_offset} is outside "
                                  f"the {frame_len}-byte frame")
+    if hdr.hdr_len > frame_len:
+        raise NetHeaderError(f"header length {hdr.hdr_len} exceeds the {frame_len}-byte frame")
     gso = hdr.gso_type
     if gso == GSO_NONE:
         return hdr
@@ -180,8 +191,6 @@ def parse_tx_header(data: bytes | memoryview, frame_len: int, features: int) -> 
         raise NetHeaderError("segmentation requested without a checksum request")
     if hdr.gso_size == 0:
         raise NetHeaderError("segmentation requested with a segment size of 0")
-    if hdr.hdr_len > frame_len:
-        raise NetHeaderError(f"header length {hdr.hdr_len} exceeds the {frame_len}-byte frame")
     return hdr
 
 
@@ -204,6 +213,15 @@ def check_tx_chain(readable: list[memoryview], writable: list[memoryview],
     first = readable[0]
     head = first if len(first) >= HEADER_SIZE else b"".join(readable)[:HEADER_SIZE]
     return parse_tx_header(head, frame_len, features)
+
+
+def _skip(views: list[memoryview], nbytes: int) -> list[memoryview]:
+    """`views` without their first `nbytes` bytes (no copy)."""
+    for i, view in enumerate(views):
+        if nbytes < len(view):
+            return [view[nbytes:], *views[i + 1 :]] if nbytes else views[i:]
+        nbytes -= len(view)
+    return []
 
 
 def _put_u16(views: list[memoryview], offset: int, value: int) -> None:
@@ -490,12 +508,13 @@ class NetDevice:
                   writable: list[memoryview]) -> None:
         counters = self.counters
         try:
-            check_tx_chain(readable, writable, self.features)
+            header = check_tx_chain(readable, writable, self.features)
         except NetHeaderError as exc:
             self._drop_tx(exc.reason, str(exc))
             return
         try:
-            sent = os.writev(pair.tap_fd, readable)
+            # The header as checked, not as guest memory holds it now: see the module docstring.
+            sent = os.writev(pair.tap_fd, [header.pack(), *_skip(readable, HEADER_SIZE)])
         except OSError as exc:
             self._drop_tx(DROP_TAP_REFUSED, "tap refused the frame: "
                           f"{errno.errorcode.get(exc.errno or 0, exc)}")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import struct
 from collections.abc import Iterator
 
 import pytest
 
+from backend.memory import GuestMemory
 from backend.net import (
     CONFIG,
     DROP_BAD_HEADER,
@@ -47,15 +49,18 @@ from backend.net import (
     TUN_F_TSO4,
     TUN_F_TSO6,
     TUNSETOFFLOAD,
+    TX_QUEUE,
     NetDevice,
     NetHeader,
     NetHeaderError,
     _copy_into,
     _put_u16,
+    _skip,
     check_tx_chain,
     parse_tx_header,
     tap_offloads,
 )
+from backend.vhost_user import MemRegion, VringAddr
 from broker import taps
 from tests.netns import inside, netns
 
@@ -111,6 +116,8 @@ def test_tso_header_parses() -> None:
     (hdr(0, GSO_TCPV4, 54, 1448), 9000, ALL, "without a checksum request"),
     (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 0, 34, 16), 9000, ALL, "segment size of 0"),
     (hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 9001, 1448, 34, 16), 9000, ALL, "header length 9001"),
+    # Without segmentation too: the tap refuses (EINVAL) a hdr_len past the frame's end.
+    (hdr(hdr_len=61), 60, ALL, "header length 61 exceeds the 60-byte frame"),
 ])
 def test_header_rejections(header: bytes, frame_len: int, features: int, reason: str) -> None:
     with pytest.raises(NetHeaderError, match=reason):
@@ -174,6 +181,19 @@ def test_num_buffers_lands_at_offset_10_across_views(split: list[int]) -> None:
     _put_u16(bufs, 10, 0x1234)
     assert b"".join(bufs)[10:12] == b"\x34\x12"
     assert b"".join(bufs)[:10] == bytes(10)
+
+
+@pytest.mark.parametrize("split", [[72], [12, 60], [5, 7, 60], [4, 10, 58], [1] * 12 + [60],
+                                   [12], [6, 6]])
+def test_skip_leaves_the_views_after_the_header_however_it_is_split(split: list[int]) -> None:
+    data = bytes(range(sum(split)))
+    bufs = views(*(data[sum(split[:i]) : sum(split[: i + 1])] for i in range(len(split))))
+    rest = _skip(bufs, HEADER_SIZE)
+    assert b"".join(rest) == data[HEADER_SIZE:]
+    assert all(len(v) for v in rest)
+    if rest:  # views of the guest's buffers, not copies
+        rest[-1][-1:] = b"\xff"
+        assert bytes(bufs[-1])[-1:] == b"\xff"
 
 
 def test_copy_into_fills_views_in_order_and_stops_at_the_end() -> None:
@@ -291,3 +311,69 @@ def test_device_refuses_a_mac_of_the_wrong_length(tap_fd: int) -> None:
 
 def test_rx_header_struct_is_twelve_bytes() -> None:
     assert HEADER_SIZE == 12 == struct.calcsize("<BBHHHHH")
+
+
+# --- TX: what reaches the tap -------------------------------------------------------------------
+
+
+class SocketTapDevice(NetDevice):
+    """NetDevice over a datagram socket, which takes one frame per write as a tap does; it has
+    no offloads to probe."""
+
+    def _probe_offloads(self) -> int:
+        return 0
+
+
+GUEST_UADDR = 0x7F00_0000_0000
+TX_BUFFER = 0x1000
+
+
+@pytest.fixture
+def tx_guest() -> Iterator[tuple[memoryview, GuestMemory]]:
+    """8 KiB of sealed guest memory: a TX ring of 8 at GPA 0 and a buffer at TX_BUFFER."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 0x2000)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        mem = GuestMemory([MemRegion(0, 0x2000, GUEST_UADDR, 0)], [fd])
+    finally:
+        os.close(fd)
+    try:
+        yield mem.regions[0].view, mem
+    finally:
+        mem.close()
+
+
+def test_tap_gets_the_header_that_was_checked_though_the_guest_rewrites_it(
+        tx_guest: tuple[memoryview, GuestMemory], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another vCPU may rewrite the header between the check and the tap's read of guest
+    memory. The tap checks lengths and offsets but not what was negotiated (it takes UFO, ECN
+    and DATA_VALID from anyone), so the device must hand it the header it checked."""
+    ram, mem = tx_guest
+    frame = hdr() + FRAME
+    ram[TX_BUFFER : TX_BUFFER + len(frame)] = frame
+    struct.pack_into("<QIHH", ram, 0, TX_BUFFER, len(frame), 0, 0)  # one readable descriptor
+    struct.pack_into("<HHH", ram, 0x100, 0, 1, 0)  # avail: flags, idx 1, ring[0] = head 0
+    unagreed = hdr(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID, GSO_UDP | GSO_ECN, 42, 1000, 34, 6)
+    real_writev = os.writev
+
+    def racing_writev(fd: int, buffers: list) -> int:
+        ram[TX_BUFFER : TX_BUFFER + HEADER_SIZE] = unagreed  # as late as the guest can
+        return real_writev(fd, buffers)
+
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with tap, peer:
+        dev = SocketTapDevice(tap.fileno(), mac=bytes.fromhex("525400123456"))
+        dev.features = F_VERSION_1  # no offload at all (set_features would need a tap)
+        addr = VringAddr(index=TX_QUEUE, flags=0, desc_user_addr=GUEST_UADDR,
+                         used_user_addr=GUEST_UADDR + 0x200,
+                         avail_user_addr=GUEST_UADDR + 0x100, log_guest_addr=0)
+        queue = dev.open_queue(TX_QUEUE, mem, 8, addr, 0, False)
+        try:
+            monkeypatch.setattr(os, "writev", racing_writev)
+            assert dev.serve_batch(queue, 8) == 1
+        finally:
+            queue.release()
+        assert bytes(ram[TX_BUFFER : TX_BUFFER + HEADER_SIZE]) == unagreed
+        assert peer.recv(4096) == frame
+        assert dev.counters.tx_frames == 1
