@@ -329,6 +329,21 @@ def format_status(status: dict) -> str:
             lines.append(f"  vm {dev['vm']:<16} disk{dev['disk']}  {state:<17} "
                          f"{dev['requests']:>10} requests  p99 {dev['p99_us']} us  "
                          f"{dev['kicks']} kicks  {dev['interrupts']} interrupts")
+        for nic in entry.get("nics", []):
+            state = "connected" if nic["connected"] else "waiting for QEMU"
+            lines.append(f"  vm {nic['vm']:<16} nic{nic['nic']}   {state:<17} "
+                         f"tap {nic['tap']} ({nic['queues']} queue pair"
+                         f"{'' if nic['queues'] == 1 else 's'})  "
+                         f"rx {nic['rx_frames']} frames {nic['rx_bytes']} bytes  "
+                         f"tx {nic['tx_frames']} frames {nic['tx_bytes']} bytes  "
+                         f"{nic['kicks']} kicks  {nic['interrupts']} interrupts")
+            drops = ", ".join(f"{d['reason']} {d['count']}" for d in nic["drops"])
+            lines.append(f"      dropped: rx {nic['rx_dropped']}, tx {nic['tx_dropped']}"
+                         + (f" ({drops})" if drops else ""))
+            if nic["queues"] > 1:
+                lines.append("      per pair (rx/tx frames): " + "  ".join(
+                    f"{i}: {p['rx_frames']}/{p['tx_frames']}"
+                    for i, p in enumerate(nic["pairs"])))
     return "\n".join(lines)
 
 

@@ -129,6 +129,16 @@ def test_a_multi_queue_nic_is_handed_over_as_one_tap_fd_per_queue_pair(
     assert nic["tx_frames"] == 1 and nic["tx_bytes"] > 0 and nic["rx_frames"] >= 1
     assert nic["kicks"] >= 1 and nic["drops"] == [] and nic["tx_dropped"] == 0
 
+    text = ringfence("status", "--policy", str(deploy.policy)).stdout
+    assert f"nic0   waiting for QEMU  tap {TAP} (2 queue pairs)" in text
+    assert "per pair (rx/tx frames): 0: 0/0  1: " in text
+    top = ringfence("top", "--policy", str(deploy.policy), "--iterations", "2",
+                    "--interval", "0.2")
+    assert top.returncode == 0, top.stderr
+    rows = [line.split() for line in top.stdout.splitlines() if line.startswith("vm1 ")]
+    assert len(rows) == 2 and rows[0][:3] == ["vm1", "tenant-a", "-"]  # no disk
+    assert rows[0][5] == "0/1"  # NICS: the front-end is gone
+
 
 def test_removing_the_vm_deletes_its_tap_and_stopping_leaves_none(
         net_deployment: NetDeployment) -> None:
