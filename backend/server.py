@@ -65,7 +65,6 @@ _ONE = (1).to_bytes(8, "little")
 _PEERCRED = struct.Struct("3i")
 
 Handler = Callable[[int], None]
-_NOTHING: list[Callable[[], None]] = []  # never appended to: no deferred work
 
 
 def set_nonblocking(fd: int) -> None:
@@ -666,12 +665,12 @@ class Loop:
         wait = self.dispatcher.timeout()
         if timeout >= 0 and (wait < 0 or timeout < wait):
             wait = timeout
-        deferred = self.deferred
+        deferred: list[Callable[[], None]] | None = self.deferred
         if deferred:
             self.deferred = []  # what is deferred during this iteration waits for the next
             wait = 0
         else:
-            deferred = _NOTHING
+            deferred = None
             if self.timers and wait != 0:
                 due = max(self.timers[0][0] - self.clock(), 0.0)
                 if wait < 0 or due < wait:
@@ -689,8 +688,9 @@ class Loop:
                     self.unregister(fd)
         if self.timers:
             self._run_timers()
-        for callback in deferred:
-            self._call(callback)
+        if deferred is not None:
+            for callback in deferred:
+                self._call(callback)
         self.dispatcher.run()
 
     def _run_timers(self) -> None:
