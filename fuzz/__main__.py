@@ -28,8 +28,10 @@ from pathlib import Path
 FUZZ_DIR = Path(__file__).resolve().parent
 REPO = FUZZ_DIR.parent
 HARNESSES = sorted(p.stem.removeprefix("fuzz_") for p in FUZZ_DIR.glob("fuzz_*.py"))
-# Inputs larger than libFuzzer's 4096-byte default: whole recorded QEMU sessions, guest memory.
-MAX_LEN = {"vhost_user": 16384, "chain": 8192, "policy": 4096, "seccomp_policy": 8192}
+# Inputs larger than libFuzzer's 4096-byte default: whole recorded QEMU sessions, guest memory,
+# real frames.
+MAX_LEN = {"vhost_user": 16384, "chain": 8192, "policy": 4096, "seccomp_policy": 8192,
+           "net": 8192}
 TIMEOUT_S = 10  # libFuzzer's per-input limit; the harnesses' own CPU limit (1-2 s) comes first
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from backend import net as bnet  # noqa: E402
 from fuzz import fuzz_blk_request as blkh  # noqa: E402
 from fuzz import fuzz_chain as chainh  # noqa: E402
+from fuzz import fuzz_net as neth  # noqa: E402
 from fuzz import fuzz_vhost_user as vuh  # noqa: E402
 
 CORPUS = REPO / "fuzz" / "corpus"
@@ -604,6 +606,257 @@ def scheduler_seeds() -> Seeds:
     return {f"accept-random-{n}": rng.randbytes(n) for n in (16, 64, 256, 1024, 2048)}
 
 
+# --- net: TX chains and RX buffers + tap frames, with real frames ------------------------------
+
+
+def inet_sum(data: bytes) -> int:
+    """The Internet checksum's one's-complement sum (not yet inverted)."""
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def ether(ethertype: int) -> bytes:
+    return bytes.fromhex("525400abcdef525400123456") + struct.pack("!H", ethertype)
+
+
+def ip4(proto: int, l4: bytes, l4_len: int | None = None) -> bytes:
+    """IPv4 around `l4`; `l4_len` if the datagram is longer than the bytes given (TSO)."""
+    total = 20 + (len(l4) if l4_len is None else l4_len)
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, proto, 0,
+                       bytes([10, 99, 0, 2]), bytes([10, 99, 0, 1]))
+    return head[:10] + struct.pack("!H", ~inet_sum(head) & 0xFFFF) + head[12:] + l4
+
+
+def l4_checksummed(l4: bytes, at: int, pseudo: bytes, partial: bool) -> bytes:
+    """Fill the checksum at `at`: complete, or (offload) the pseudo-header sum a driver leaves."""
+    csum = inet_sum(pseudo) if partial else ~inet_sum(pseudo + l4) & 0xFFFF
+    return l4[:at] + struct.pack("!H", csum) + l4[at + 2 :]
+
+
+def tcp_segment(payload: bytes) -> bytes:
+    return struct.pack("!HHIIBBHHH", 40000, 80, 1, 1, 5 << 4, 0x18, 65535, 0, 0) + payload
+
+
+def tcp4(payload_len: int, *, partial: bool = False, upto: int | None = None) -> bytes:
+    """Ethernet + IPv4 + TCP; NEEDS_CSUM for it is csum_start 34, csum_offset 16. With `upto`,
+    a TSO super-frame's first bytes only (its headers say `payload_len`; partial sum only)."""
+    l4 = tcp_segment(bytes(i & 0xFF for i in range(payload_len if upto is None else upto)))
+    pseudo = bytes([10, 99, 0, 2, 10, 99, 0, 1, 0, 6]) + struct.pack("!H", 20 + payload_len)
+    return ether(0x0800) + ip4(6, l4_checksummed(l4, 16, pseudo, partial), 20 + payload_len)
+
+
+def udp4(payload: bytes, *, partial: bool = False) -> bytes:
+    """Ethernet + IPv4 + UDP; NEEDS_CSUM for it is csum_start 34, csum_offset 6."""
+    l4 = struct.pack("!HHHH", 7000, 7001, 8 + len(payload), 0) + payload
+    pseudo = bytes([10, 99, 0, 2, 10, 99, 0, 1, 0, 17]) + struct.pack("!H", len(l4))
+    return ether(0x0800) + ip4(17, l4_checksummed(l4, 6, pseudo, partial))
+
+
+def icmp4_echo() -> bytes:
+    body = struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + bytes(range(56))
+    return ether(0x0800) + ip4(1, body[:2] + struct.pack("!H", ~inet_sum(body) & 0xFFFF)
+                                + body[4:])
+
+
+def tcp6(payload_len: int, *, partial: bool = False, upto: int | None = None) -> bytes:
+    """Ethernet + IPv6 + TCP; NEEDS_CSUM for it is csum_start 54, csum_offset 16; `upto` as
+    for tcp4."""
+    src, dst = bytes.fromhex("fd000000000000000000000000000002"), bytes.fromhex(
+        "fd000000000000000000000000000001")
+    l4 = tcp_segment(bytes(i & 0xFF for i in range(payload_len if upto is None else upto)))
+    pseudo = src + dst + struct.pack("!I3xB", 20 + payload_len, 6)
+    l4 = l4_checksummed(l4, 16, pseudo, partial)
+    return ether(0x86DD) + struct.pack("!IHBB", 6 << 28, 20 + payload_len, 6, 64) + src + dst + l4
+
+
+def vnet(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0,
+         csum_start: int = 0, csum_offset: int = 0, num_buffers: int = 0) -> bytes:
+    return bnet.HEADER.pack(flags, gso, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
+
+
+def net_features(*features: int) -> bytes:
+    selector = sum(1 << neth.FEATURES.index(f) for f in features)
+    return struct.pack("<H", selector)
+
+
+def tx_chain(content: bytes, segments: list[int] | None = None, *, writable: tuple[int, ...] = (),
+             race: tuple[int, bytes] | None = None, tap_refuses: bool = False) -> bytes:
+    """One TX chain: readable segments (default: one holding all of `content`), then
+    device-writable ones of the lengths in `writable`; `race`: (offset, bytes) the guest
+    writes after the device's check; `tap_refuses`: the tap's writev fails (EINVAL)."""
+    lengths = [(n, 0) for n in (segments or [len(content)])] + [(n, 1) for n in writable]
+    out = bytes([len(lengths) - 1]) + b"".join(struct.pack("<HB", n, f) for n, f in lengths)
+    out += struct.pack("<H", len(content)) + content
+    refused = 0x80 if tap_refuses else 0
+    if race is None:
+        return out + bytes([refused])
+    return out + bytes([refused | len(race[1])]) + struct.pack("<H", race[0]) + race[1]
+
+
+def net_tx(*chains: bytes, features: tuple[int, ...] = (), budget: int = 4,
+           pair: int = 0) -> bytes:
+    return bytes([pair << 1]) + net_features(*features) + bytes(
+        [len(chains) - 1, budget - 1]) + b"".join(chains)
+
+
+def split(total: int, *sizes: int) -> list[int]:
+    """Segment lengths: `sizes`, then what is left of `total`."""
+    return [*sizes, total - sum(sizes)]
+
+
+def net_rx(chains: list[list[int]], frames: list[bytes], *, features: tuple[int, ...] = (),
+           first_chains: int | None = None, first_frames: int | None = None,
+           readable: tuple[int, ...] = (), pattern_len: int | None = None,
+           budget: int = 8, pair: int = 0) -> bytes:
+    """RX: chains of writable segments (`readable`: indices of chains whose first segment is
+    device-readable instead); frames as the tap delivers them after its 12-byte header."""
+    out = bytes([1 | pair << 1]) + net_features(*features) + bytes([len(chains)])
+    for i, segs in enumerate(chains):
+        out += bytes([len(segs) - 1]) + b"".join(
+            struct.pack("<HB", n, int(i in readable and k == 0)) for k, n in enumerate(segs))
+    out += bytes([len(chains) if first_chains is None else first_chains, len(frames)])
+    for frame in frames:
+        pattern = frame[: pattern_len or len(frame)]
+        out += (len(frame) - bnet.ETH_HLEN).to_bytes(3, "little") + vnet()[:10]
+        out += struct.pack("<H", len(pattern)) + pattern
+    return out + bytes([len(frames) if first_frames is None else first_frames, budget - 1])
+
+
+def net_seeds() -> Seeds:
+    csum, tso4, tso6 = bnet.F_CSUM, bnet.F_HOST_TSO4, bnet.F_HOST_TSO6
+    mrg, ufo, ecn = bnet.F_MRG_RXBUF, bnet.F_HOST_UFO, bnet.F_HOST_ECN
+    offloads = (csum, tso4, tso6)
+    needs = bnet.HDR_F_NEEDS_CSUM
+    plain, small = vnet(), tcp4(6)
+    full_tcp = tcp4(1460)
+    # TSO super-frames: real headers and the first segment's payload, repeated to their length.
+    tso4_hdr = vnet(needs, bnet.GSO_TCPV4, 54, 1448, 34, 16)
+    tso4_len = 65514  # 54 bytes of headers + 45 segments of 1448 + 300
+    tso4_start = tcp4(tso4_len - 54, partial=True, upto=1448)
+    tso6_len = 32768
+    tso6_start = tcp6(tso6_len - 74, partial=True, upto=1428)
+    pattern = tcp4(1448)  # an RX super-frame's first bytes, repeated likewise
+    seeds = {
+        "accept-tcp4": net_tx(tx_chain(plain + full_tcp)),
+        "accept-tcp4-csum-offload": net_tx(
+            tx_chain(vnet(needs, 0, 0, 0, 34, 16) + tcp4(1460, partial=True),
+                     split(12 + 1514, 12, 54)), features=offloads),
+        "accept-udp4-csum-header-split": net_tx(
+            tx_chain(vnet(needs, 0, 0, 0, 34, 6) + udp4(b"ringfence" * 20, partial=True),
+                     split(12 + 222, 5, 7, 100)), features=(csum,)),
+        "accept-icmp4-ping": net_tx(tx_chain(plain + icmp4_echo())),
+        "accept-udp4-csum-on-pair-1": net_tx(
+            tx_chain(vnet(needs, 0, 0, 0, 34, 6) + udp4(b"second pair", partial=True)),
+            features=(csum,), pair=1),
+        "accept-tcp6-csum": net_tx(tx_chain(vnet(needs, 0, 0, 0, 54, 16) + tcp6(1000, partial=True),
+                                            split(12 + 1074, 12)), features=(csum,)),
+        "accept-tso4-64k": net_tx(tx_chain(tso4_hdr + tso4_start,
+                                           split(12 + tso4_len, 12, 54, 16384, 16384, 16384)),
+                                  features=offloads),
+        "accept-tso6-32k": net_tx(tx_chain(vnet(needs, bnet.GSO_TCPV6, 74, 1428, 54, 16)
+                                           + tso6_start, split(12 + tso6_len, 12, 74)),
+                                  features=offloads),
+        "accept-largest-frame": net_tx(tx_chain(plain + small, split(12 + bnet.MAX_FRAME,
+                                                                     12, 32768))),
+        "accept-four-chains-budget-1": net_tx(
+            tx_chain(plain + small), tx_chain(vnet(2) + small), tx_chain(plain + icmp4_echo()),
+            tx_chain(plain + small, writable=(16,)), budget=1),
+        "accept-second-chain-rewritten-after-check": net_tx(
+            tx_chain(plain + small), tx_chain(plain + small, race=(0, vnet(0x48)))),
+        "accept-frame-bytes-rewritten-after-check": net_tx(
+            tx_chain(plain + full_tcp, race=(12 + 54, b"changed by the guest"))),
+        "reject-tap-refuses-the-frame": net_tx(
+            tx_chain(plain + small), tx_chain(plain + full_tcp, tap_refuses=True),
+            tx_chain(plain + icmp4_echo())),
+        "reject-writable-descriptor": net_tx(tx_chain(plain + small, writable=(16,))),
+        "reject-only-writable": net_tx(tx_chain(b"", [0], writable=(12 + 60,))),
+        "reject-empty-chain": net_tx(tx_chain(b"", [0])),
+        "reject-shorter-than-header": net_tx(tx_chain(plain[:8])),
+        "reject-header-only": net_tx(tx_chain(plain)),
+        "reject-runt-frame": net_tx(tx_chain(plain + small[: bnet.ETH_HLEN - 1])),
+        "reject-oversized": net_tx(tx_chain(plain + small, split(12 + bnet.MAX_FRAME + 1, 12,
+                                                                 32768))),
+        "reject-flags-data-valid": net_tx(tx_chain(vnet(bnet.HDR_F_DATA_VALID) + small),
+                                          features=offloads),
+        "reject-flags-unknown": net_tx(tx_chain(vnet(0x80) + small), features=offloads),
+        "reject-csum-not-negotiated": net_tx(tx_chain(vnet(needs, 0, 0, 0, 34, 16) + small)),
+        "reject-csum-outside-frame": net_tx(tx_chain(vnet(needs, 0, 0, 0, 50, 16) + small),
+                                            features=offloads),
+        "reject-csum-offsets-overflow": net_tx(
+            tx_chain(vnet(needs, 0, 0, 0, 0xFFFF, 0xFFFF) + small), features=offloads),
+        "reject-hdr-len-outside-frame": net_tx(tx_chain(vnet(0, 0, 61) + small)),
+        "reject-gso-ecn": net_tx(tx_chain(vnet(needs, bnet.GSO_TCPV4 | bnet.GSO_ECN, 54, 1448,
+                                               34, 16) + full_tcp),
+                                 features=(*offloads, ecn)),
+        "reject-gso-udp": net_tx(tx_chain(vnet(needs, bnet.GSO_UDP, 42, 1000, 34, 6)
+                                          + udp4(bytes(3000), partial=True)),
+                                 features=(*offloads, ufo)),
+        "reject-gso-unknown-type": net_tx(tx_chain(vnet(needs, 9, 54, 1448, 34, 16) + full_tcp),
+                                          features=offloads),
+        "reject-tso4-not-negotiated": net_tx(tx_chain(tso4_hdr + tso4_start,
+                                                      split(12 + tso4_len, 12, 54, 32768)),
+                                             features=(csum, tso6)),
+        "reject-tso6-not-negotiated": net_tx(
+            tx_chain(vnet(needs, bnet.GSO_TCPV6, 74, 1428, 54, 16) + tso6_start,
+                     split(12 + tso6_len, 12, 74)),
+            features=(csum, tso4)),
+        "reject-gso-without-csum": net_tx(tx_chain(vnet(0, bnet.GSO_TCPV4, 54, 1448) + full_tcp),
+                                          features=offloads),
+        "reject-gso-size-0": net_tx(tx_chain(vnet(needs, bnet.GSO_TCPV4, 54, 0, 34, 16)
+                                             + full_tcp), features=offloads),
+        "reject-gso-hdr-len-outside-frame": net_tx(
+            tx_chain(vnet(needs, bnet.GSO_TCPV4, 1515, 1448, 34, 16) + full_tcp),
+            features=offloads),
+        "bug-tx-header-rewritten-after-check": net_tx(
+            tx_chain(plain + full_tcp, race=(0, vnet(needs, bnet.GSO_UDP, 42, 1000, 34, 6))),
+            tx_chain(vnet(needs, 0, 0, 0, 34, 16) + tcp4(1460, partial=True),
+                     race=(0, vnet(needs | bnet.HDR_F_DATA_VALID, bnet.GSO_TCPV4 | bnet.GSO_ECN,
+                                   0xFFFF, 0, 0xFFF0, 0xFF))),
+            features=(csum,)),
+    }
+    # A TX chain whose second descriptor is readable after a writable one: the ring is broken.
+    bad = bytes([1]) + struct.pack("<HBHB", 16, 1, 12 + 60, 0) + struct.pack("<H", 72) + (
+        plain + small) + b"\0"
+    seeds["reject-readable-after-writable"] = net_tx(tx_chain(plain + small), bad, budget=1)
+
+    mtu_frame = tcp4(1460)
+    seeds.update({
+        "accept-rx-one-frame": net_rx([[1536]], [mtu_frame]),
+        "accept-rx-header-split-over-segments": net_rx([[5, 7, 1514]], [mtu_frame]),
+        "accept-rx-several-frames-mergeable": net_rx(
+            [[2048]] * 8, [udp4(b"a" * 100), icmp4_echo(), mtu_frame, tcp6(200)],
+            features=(mrg,)),
+        "accept-rx-gso-frame-spans-buffers": net_rx(
+            [[4096]] * 16, [pattern * 41], features=(mrg, bnet.F_GUEST_CSUM,
+                                                         bnet.F_GUEST_TSO4),
+            pattern_len=len(pattern)),
+        "accept-rx-big-chain-without-mergeable": net_rx(
+            [[16400] * 4], [pattern * 43], features=(bnet.F_GUEST_CSUM, bnet.F_GUEST_TSO4),
+            pattern_len=len(pattern)),
+        "accept-rx-no-buffers-in-first-round": net_rx(
+            [[1536]] * 4, [mtu_frame, udp4(b"b" * 10)], first_chains=0, features=(mrg,)),
+        "accept-rx-frame-waits-for-buffers": net_rx(
+            [[4096]] * 8, [pattern * 13, udp4(b"c")], first_chains=2, features=(mrg,),
+            pattern_len=len(pattern)),
+        "accept-rx-too-large-dropped-without-mergeable": net_rx(
+            [[1536]] * 2, [pattern * 3, udp4(b"d" * 20)], pattern_len=len(pattern)),
+        "accept-rx-mergeable-on-pair-1": net_rx(
+            [[1536]] * 4, [pattern * 2, udp4(b"e")], features=(mrg,), pair=1,
+            pattern_len=len(pattern)),
+        "accept-rx-event-idx-budget-1": net_rx(
+            [[1536]] * 4, [mtu_frame] * 3, features=(mrg, bnet.F_RING_EVENT_IDX), budget=1),
+        "reject-rx-readable-descriptor": net_rx([[1536]], [mtu_frame], readable=(0,)),
+        "reject-rx-chain-shorter-than-header": net_rx([[8]], [mtu_frame]),
+        "reject-rx-bad-chain-while-spreading": net_rx(
+            [[1536], [1536]], [pattern * 2], readable=(1,), features=(mrg,),
+            pattern_len=len(pattern)),
+    })
+    return seeds
+
+
 # --- libFuzzer dictionaries: tokens the fuzzer cannot learn from comparisons ------------------
 
 
@@ -640,6 +893,7 @@ def main() -> None:
     write("policy", policy_seeds())
     write("seccomp_policy", seccomp_policy_seeds())
     write("scheduler", scheduler_seeds())
+    write("net", net_seeds())
 
 
 if __name__ == "__main__":

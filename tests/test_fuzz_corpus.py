@@ -45,7 +45,7 @@ def own_corpus_cases() -> list:
 
 
 def test_every_harness_has_a_seed_corpus() -> None:
-    assert set(HARNESSES) >= {"chain", "vhost_user", "blk_request", "fdpass", "admin",
+    assert set(HARNESSES) >= {"chain", "vhost_user", "blk_request", "net", "fdpass", "admin",
                               "policy", "seccomp_policy", "scheduler"}
     for harness in HARNESSES:
         assert corpus_files(harness), f"fuzz/corpus/{harness}/ is empty"
