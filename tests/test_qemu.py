@@ -101,6 +101,18 @@ def test_device_args_give_each_nic_a_vhost_user_netdev_with_its_mac_and_mtu() ->
     ]  # fmt: skip
 
 
+def test_multi_queue_nic_asks_the_back_end_for_its_pairs_and_offers_mq_to_the_guest() -> None:
+    nic = Nic("rf-web1-0", "br0", "52:54:00:12:34:56", 1500, 4)
+    args = qemu_device_args(policy(vm(disks=(), nics=(nic,))), "web1")
+    assert args[6:] == [
+        "-chardev", "socket,id=nic0,path=/run/rf/vms/web1/nic0.sock,reconnect=1",
+        "-netdev", "vhost-user,id=net0,chardev=nic0,queues=4",
+        "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,host_mtu=1500,mq=on,"
+        + NIC_INTERRUPTS,
+        "-nic", "none",
+    ]  # fmt: skip
+
+
 def test_jail_of_a_vm_with_only_a_nic_shows_the_socket_dir() -> None:
     nic = Nic("rf-web1-0", "br0", "52:54:00:12:34:56", 1500, 1)
     binds, _ = jail_binds(settings(), vm(disks=(), nics=(nic,)))
