@@ -162,6 +162,10 @@ class SharedDispatcher:
 
     # --- the loop's calls ----------------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether rings are being polled, so that other work in the loop takes time from them."""
+        return bool(self.polling)
+
     def timeout(self) -> float:
         """Seconds the loop may sleep in epoll: none while a polled ring may get work (its
         kicks are off), else until the first throttled VM with pending work may run."""
@@ -310,6 +314,10 @@ class PerRingThreads:
 
     def kicked(self, ring: Ring) -> None:
         """Kicks go to the ring's own thread, not through the loop."""
+
+    def busy(self) -> bool:
+        """Ring threads have their own time: the loop's other work takes none from them."""
+        return False
 
     def timeout(self) -> float:
         return -1

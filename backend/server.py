@@ -651,7 +651,7 @@ class Loop:
     def rings_busy(self) -> bool:
         """Whether rings are being polled: work that the loop does besides serving them is
         then taken from them (the shared model only; ring threads have their own time)."""
-        return bool(getattr(self.dispatcher, "polling", None))
+        return self.dispatcher.busy()
 
     def defer(self, callback: Callable[[], None]) -> None:
         """Call `callback` in the next iteration, which will not sleep in epoll."""
