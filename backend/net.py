@@ -557,6 +557,9 @@ class NetDevice:
         tap = pair.tap_fd
         overflow = self.overflow
         mergeable = self.features & F_MRG_RXBUF
+        # A tap marks DATA_VALID whatever offloads it has; a guest without GUEST_CSUM must see
+        # flags 0 (virtio 1.2, 5.1.6.4.1). A chain's first descriptor holds at least 1 byte.
+        keep_flags = self.features & F_GUEST_CSUM
         while used < budget:
             if not queue.buffers():
                 return used  # wait for the guest's buffers; the tap keeps the frames
@@ -575,6 +578,8 @@ class NetDevice:
                 self._rx_drained(pair)
                 return used
             writable.pop()
+            if not keep_flags:
+                writable[0][0] = 0
             if got <= capacity:
                 _put_u16(writable, NUM_BUFFERS_OFFSET, 1)
                 queue.put_used(head, got)

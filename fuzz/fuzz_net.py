@@ -58,7 +58,8 @@ RX invariants:
     device-readable buffer, or fewer than 12 bytes);
   * heads are used in avail order, each once, each with 1 <= used length <= its capacity;
   * the used entries decode as frames: the first buffer's num_buffers counts the frame's entries
-    (1 without MRG_RXBUF), and their bytes joined are the tap's frame with num_buffers put in;
+    (1 without MRG_RXBUF), and their bytes joined are the tap's frame with num_buffers put in
+    and, for a guest without GUEST_CSUM, flags zero (a tap sets DATA_VALID regardless);
   * the delivered frames are the tap's frames in order; one is missing only if, without
     MRG_RXBUF, it was larger than the buffer it was offered (and counted as dropped); a frame
     the device holds back for more buffers (stash) is the last it took off the tap, byte for
@@ -562,19 +563,22 @@ def _check_tx(r: Reader, device: NetDevice, features: int, pair: int, tap: socke
 # --- RX -----------------------------------------------------------------------------------------
 
 
-def same_frame(delivered: bytes, frame: bytes) -> bool:
-    """A delivered frame is the tap's frame with num_buffers (bytes 10..11) put in."""
-    return (len(delivered) == len(frame) and delivered[:10] == frame[:10]
-            and delivered[12:] == frame[12:])
+def same_frame(delivered: bytes, frame: bytes, keep_flags: bool) -> bool:
+    """A delivered frame is the tap's frame with num_buffers (bytes 10..11) put in, and its
+    flags (byte 0) cleared for a guest without GUEST_CSUM."""
+    flags = frame[:1] if keep_flags else b"\0"
+    return (len(delivered) == len(frame) and delivered[:1] == flags
+            and delivered[1:10] == frame[1:10] and delivered[12:] == frame[12:])
 
 
 class _RxLedger:
     """What the guest saw of RX so far, checked round by round against the tap's frames."""
 
-    def __init__(self, queue: RxQueue, mergeable: bool, heads: list[int],
+    def __init__(self, queue: RxQueue, mergeable: bool, keep_flags: bool, heads: list[int],
                  writables: list[list[Segment]], capacity: list[int], bad: list[bool]) -> None:
         self.pair = queue.pair  # where a frame that waits for buffers is kept
         self.mergeable = mergeable
+        self.keep_flags = keep_flags
         self.heads = heads
         self.writables = writables
         self.capacity = capacity
@@ -618,7 +622,7 @@ class _RxLedger:
         for frame in pending:
             if index < len(decoded):
                 offered, got = decoded[index]
-                if same_frame(got, frame):
+                if same_frame(got, frame, self.keep_flags):
                     self.delivered.append(got)
                     index += 1
                     continue
@@ -634,7 +638,7 @@ class _RxLedger:
         stash = self.pair.stash
         if stash is not None:
             require(self.mergeable, "a frame held back without MRG_RXBUF")
-            require(bool(unaccounted) and same_frame(stash, unaccounted[-1]),
+            require(bool(unaccounted) and same_frame(stash, unaccounted[-1], self.keep_flags),
                     "the frame held back is not the last one taken off the tap")
             self.stashed = unaccounted.pop()
         if broken is not None:
@@ -682,7 +686,8 @@ def _check_rx(r: Reader, device: NetDevice, features: int, pair: int, tap: socke
     before = bytes(view)
     event_idx = bool(features & F_RING_EVENT_IDX)
     queue = open_queue(device, 2 * pair, event_idx)
-    ledger = _RxLedger(queue, mergeable, heads, writables, capacity, bad)
+    ledger = _RxLedger(queue, mergeable, bool(features & F_GUEST_CSUM), heads, writables,
+                       capacity, bad)
     waiting: list[bytes] = []  # frames the device left on the tap, in order
     try:
         for avail, batch in ((first_chains, frames[:first_frames]),

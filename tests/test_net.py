@@ -377,3 +377,30 @@ def test_tap_gets_the_header_that_was_checked_though_the_guest_rewrites_it(
         assert bytes(ram[TX_BUFFER : TX_BUFFER + HEADER_SIZE]) == unagreed
         assert peer.recv(4096) == frame
         assert dev.counters.tx_frames == 1
+
+
+@pytest.mark.parametrize("guest_csum", [False, True])
+def test_received_frame_claims_a_valid_checksum_only_to_a_guest_that_accepts_it(
+        tx_guest: tuple[memoryview, GuestMemory], guest_csum: bool) -> None:
+    """A tap sets DATA_VALID on a frame whose checksum the host already checked, whatever
+    offloads it was given; without VIRTIO_NET_F_GUEST_CSUM the header's flags must be zero
+    (virtio 1.2, 5.1.6.4.1), so the device clears them."""
+    ram, mem = tx_guest
+    struct.pack_into("<QIHH", ram, 0, TX_BUFFER, 2048, 2, 0)  # one device-writable descriptor
+    struct.pack_into("<HHH", ram, 0x100, 0, 1, 0)  # avail: flags, idx 1, ring[0] = head 0
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with tap, peer:
+        dev = SocketTapDevice(tap.fileno(), mac=bytes.fromhex("525400123456"))
+        dev.features = F_VERSION_1 | (F_GUEST_CSUM if guest_csum else 0)
+        addr = VringAddr(index=0, flags=0, desc_user_addr=GUEST_UADDR,
+                         used_user_addr=GUEST_UADDR + 0x200,
+                         avail_user_addr=GUEST_UADDR + 0x100, log_guest_addr=0)
+        queue = dev.open_queue(0, mem, 8, addr, 0, False)
+        try:
+            peer.send(hdr(HDR_F_DATA_VALID) + FRAME)
+            assert dev.serve_batch(queue, 8) == 1
+        finally:
+            queue.release()
+    flags = ram[TX_BUFFER]
+    assert flags == (HDR_F_DATA_VALID if guest_csum else 0)
+    assert bytes(ram[TX_BUFFER + HEADER_SIZE : TX_BUFFER + HEADER_SIZE + len(FRAME)]) == FRAME
