@@ -38,8 +38,10 @@ A turn ends (`should_change_queue`) when any of these holds:
     waits): under latency pressure the class is served in strict fair-queuing order a batch at
     a time, a VM's queues taking turns; a VM still owed service keeps its turn, since ending it
     would only make selection choose it again;
-  - it served `min_turn_requests` (the fair quantum) and a runnable queue of the same class is
-    waiting.
+  - it served its fair quantum and a runnable queue of the same class is waiting: the VM's
+    share of `min_turn_requests` requests, or as much cost as that many requests of
+    `QUANTUM_REQUEST_BYTES` each, whichever comes first (so large requests make short turns, and
+    a VM reading 64 KiB at a time holds the thread no longer than one reading 4 KiB).
 Under overload the latency rule shortens turns until every contending queue is revisited within
 about the latency target, down to one batch per turn; the quantum bounds turns otherwise.
 
@@ -106,6 +108,9 @@ _SEG_MASK = _SEGMENTS - 1
 # Later than any clock reading and beyond any virtual time (at 100k requests/s of 1 MiB, weight 1,
 # it grows by about 2**101 a year): an int, so comparisons stay int-to-int on the hot path.
 _NEVER = 1 << 128
+# The fair quantum is counted in requests of up to this size; larger requests count by their
+# cost (see should_change_queue).
+QUANTUM_REQUEST_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +194,8 @@ def _make_buckets(qos: Qos) -> tuple[_Bucket, ...]:
 
 
 class _Vm:
-    __slots__ = ("backlog", "buckets", "inv_weight", "qos", "quantum", "queues", "rank",
-                 "throttle_acc", "until", "vtime")
+    __slots__ = ("backlog", "buckets", "inv_weight", "qos", "quantum", "quantum_cost", "queues",
+                 "rank", "req_cost", "throttle_acc", "until", "vtime")
 
     def __init__(self, qos: Qos, vtime: int) -> None:
         self.qos = qos
@@ -199,6 +204,8 @@ class _Vm:
         self.vtime = vtime
         self.buckets = _make_buckets(qos)
         self.quantum = 1  # set by Scheduler._rescale_quanta
+        self.quantum_cost = 1  # the quantum as cost, also set there
+        self.req_cost = 1  # cost per request in its last batch, to size the next one
         self.until = 0  # throttled while now < until
         self.backlog = 0  # how many of its queues have pending requests
         # Throttled time while backlogged, including the projected rest of the current episode
@@ -268,7 +275,7 @@ class Scheduler:
     __slots__ = ("_busy", "_contended", "_current", "_dirty", "_latency_ns", "_max_turn",
                  "_min_turn", "_prep_contended", "_prep_recheck", "_prep_yield",
                  "_prepared", "_queues", "_recheck", "_request_cost", "_starvation_ns",
-                 "_turn_served", "_urgent", "_vclock", "_vms", "_yield_vtime")
+                 "_turn_cost", "_turn_served", "_urgent", "_vclock", "_vms", "_yield_vtime")
 
     def __init__(
         self,
@@ -313,6 +320,7 @@ class Scheduler:
         self._vclock = [0, 0, 0]
         self._current: _Queue | None = None
         self._turn_served = 0
+        self._turn_cost = 0
         # What the current turn knows about the other queues, refreshed by _rescan when a queue
         # elsewhere changes state (_dirty) or a time it depends on passes (_recheck), so that
         # should_change_queue is O(1) after most batches:
@@ -347,8 +355,10 @@ class Scheduler:
         up taking turns 1:1. Shorter turns for lighter VMs keep them backlogged.
         """
         heaviest = max((v.qos.weight for v in self._vms.values()), default=1)
+        per_request = self._request_cost + QUANTUM_REQUEST_BYTES
         for v in self._vms.values():
             v.quantum = max(1, self._min_turn * v.qos.weight // heaviest)
+            v.quantum_cost = v.quantum * per_request
 
     def set_qos(self, vm: VmKey, qos: Qos, now: int) -> None:
         """Apply new QoS live. The VM keeps its place relative to its class's virtual clock
@@ -437,11 +447,15 @@ class Scheduler:
                 self._became_idle(q, now)
         q.since = now
         self._prepared = None
+        cost = requests * self._request_cost + nbytes
         if q is self._current:
             self._turn_served += requests
+            self._turn_cost += cost
         else:
             self._dirty = True
-        vm.vtime += (requests * self._request_cost + nbytes) * vm.inv_weight
+        if requests:
+            vm.req_cost = cost // requests or 1
+        vm.vtime += cost * vm.inv_weight
         if vm.buckets:
             until = 0
             for bucket in vm.buckets:
@@ -537,6 +551,7 @@ class Scheduler:
         vm = q.vm
         self._current = q
         self._turn_served = 0
+        self._turn_cost = 0
         if self._prepared is q:
             self._urgent = False
             self._contended = self._prep_contended
@@ -552,8 +567,9 @@ class Scheduler:
 
     def turn_budget(self, key: QueueKey, now: int) -> int:
         """How many requests the next batch of this queue's turn may serve: what is left of the
-        turn (the quantum when others wait, else max_turn_requests), capped by the VM's IOPS
-        tokens; at least 1 while the VM has tokens, 0 when the turn should end or it has none."""
+        turn (the quantum when others wait, in requests and, at the cost of the VM's last
+        batch, in cost; else max_turn_requests), capped by the VM's IOPS tokens; at least 1
+        while the VM has tokens, 0 when the turn should end or it has none."""
         q = self._queues[key]
         vm = q.vm
         if vm.until > now:
@@ -563,10 +579,17 @@ class Scheduler:
             if self._dirty or now >= self._recheck:
                 self._rescan(q, now)
             if self._contended or self._urgent:
-                limit = vm.quantum
-            limit -= self._turn_served
-            if limit <= 0:
-                return 0
+                limit = vm.quantum - self._turn_served
+                room = vm.quantum_cost - self._turn_cost
+                if limit <= 0 or room <= 0:
+                    return 0
+                fit = -(-room // vm.req_cost)
+                if fit < limit:
+                    limit = fit
+            else:
+                limit -= self._turn_served
+                if limit <= 0:
+                    return 0
         for bucket in vm.buckets:
             if bucket.req_units:
                 bucket.refill(now)
@@ -588,7 +611,8 @@ class Scheduler:
             self._rescan(q, now)
         if self._urgent or vm.vtime >= self._yield_vtime:
             return True
-        return self._contended and self._turn_served >= vm.quantum
+        return self._contended and (self._turn_served >= vm.quantum
+                                    or self._turn_cost >= vm.quantum_cost)
 
     def _rescan(self, current: _Queue, now: int) -> None:
         """Look at every other queue once: does one outrank the current turn, do some of its

@@ -372,6 +372,31 @@ def test_a_turn_ends_after_the_fair_quantum_when_a_same_class_queue_is_pending()
     assert sched.should_change_queue("a0", T0 + 3)
 
 
+def test_large_requests_end_a_contended_turn_by_cost_not_by_count() -> None:
+    """A VM reading 64 KiB at a time holds the thread about as long per turn as one reading
+    4 KiB: its quantum of 8 requests of 4 KiB (plus the 16 KiB fixed cost each) is 160 KiB of
+    cost, which two 64 KiB requests (80 KiB of cost each) use up."""
+    sched = make(("a", Qos()), ("b", Qos()), max_turn_requests=64, min_turn_requests=8)
+    sched.set_pending("a0", 100, T0)
+    sched.start_turn("a0", T0)
+    sched.set_pending("b0", 1, T0 + 1)
+    sched.account("a0", 1, 64 * KIB, T0 + 2)
+    assert not sched.should_change_queue("a0", T0 + 2)
+    assert sched.turn_budget("a0", T0 + 2) == 1  # the next batch is sized by cost, not 7
+    sched.account("a0", 1, 64 * KIB, T0 + 3)
+    assert sched.should_change_queue("a0", T0 + 3)
+    assert sched.turn_budget("a0", T0 + 3) == 0
+
+
+def test_a_lone_queue_of_large_requests_keeps_its_long_turn() -> None:
+    sched = make(("a", Qos()), ("b", Qos()), max_turn_requests=64, min_turn_requests=8)
+    sched.set_pending("a0", 100, T0)
+    sched.start_turn("a0", T0)
+    sched.account("a0", 16, 16 * 64 * KIB, T0 + 1)
+    assert not sched.should_change_queue("a0", T0 + 1)
+    assert sched.turn_budget("a0", T0 + 1) == 64 - 16  # nobody waits: cost does not matter
+
+
 def test_lower_priority_pending_work_does_not_shorten_a_turn() -> None:
     sched = make(("hi", Qos(priority="high")), ("lo", Qos(priority="low")),
                  max_turn_requests=32, min_turn_requests=4)
