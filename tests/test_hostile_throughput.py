@@ -15,8 +15,12 @@ The attacker runs at nice 10: on a real host the attacking guest burns its own v
 on a small test machine (CI has two CPUs) an attacker at normal priority would take the CPU
 from B's front-end and the backend, which measures the machine, not the backend. It still
 gets whatever CPU is idle (the kick storm reaches a million kicks per second). Between attacks
-it spins doing nothing, so B's solo windows see an equally busy machine (a CPU that never idles
-wakes B's front-end faster), and only the attack differs between the two kinds of window.
+it spins doing nothing, and one spinner per CPU at nice 19 runs throughout: a CPU that never
+idles wakes B's front-end and the backend faster (on a virtual machine an idle vCPU halts, and
+waking it costs tens of microseconds), so without them an attack that mostly waits (a blocked
+flood, kicks between sleeps) left CPUs idle and cost B a fifth of its throughput by the
+machine's wake-up latency alone. With them both kinds of window see equally busy CPUs, and
+only the attack differs.
 
 An attack measured against a defence the backend does not have yet may name a `ratio_gap`:
 its ratio is then an expected failure while it falls short, and everything else about it is
@@ -442,8 +446,29 @@ class Bench:
     load: BlkLoad
 
 
+def spin() -> None:
+    os.nice(19)
+    while True:
+        pass
+
+
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
+def busy_cpus() -> Iterator[None]:
+    """Keep every CPU from idling (see the module docstring), taking only what is left over."""
+    ctx = multiprocessing.get_context("fork")
+    spinners = [ctx.Process(target=spin, daemon=True) for _ in range(os.cpu_count() or 1)]
+    for proc in spinners:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.join(5)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory, busy_cpus: None) -> Iterator[Bench]:
     directory = tmp_path_factory.mktemp("hostile-tp")
     socks = {}
     for i, name in enumerate("ab"):
