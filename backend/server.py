@@ -301,8 +301,12 @@ class Connection:
         return False
 
     def _watch(self) -> None:
-        """Watch for input unless messages are deferred, and for output while replies wait."""
-        events = (0 if self.deferred else select.EPOLLIN) | (
+        """Watch for input unless messages are deferred, and for output while replies wait.
+
+        epoll reports a hang-up whatever a socket is watched for; while deferred the socket is
+        edge-triggered, so a hang-up is reported once instead of on every iteration until the
+        resume (the resume's recv finds it). _flush writes until EAGAIN, as edges need."""
+        events = (select.EPOLLET if self.deferred else select.EPOLLIN) | (
             select.EPOLLOUT if self.output else 0)
         if events != self.events:
             self.events = events

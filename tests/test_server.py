@@ -242,6 +242,30 @@ def test_device_over_its_share_waits_while_rings_are_busy(
             run_until(pair.loop, lambda: pair.a.connection is None, step=0.01)
 
 
+def test_hang_up_while_held_back_does_not_spin_the_loop(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """epoll reports a hang-up even for a socket watched for nothing; the held-back connection
+    must hear of it once, not on every iteration until its resume timer."""
+    with loop_running(pair.loop):
+        conn = VhostUserConnection.connect(pair.a_sock)
+        assert conn.get_features()
+    monkeypatch.setattr(pair.loop, "rings_busy", lambda: True)
+    bucket = pair.a.control_time
+    bucket.refill()
+    bucket.tokens = -0.05  # held back for about 50 ms
+    conn.send_raw(Req.GET_FEATURES)
+    pair.loop.run_once(0.1)
+    held = pair.a.connection
+    assert held is not None and held.deferred
+    conn.close()
+    try:
+        turns = run_until(pair.loop, lambda: pair.a.connection is None, timeout=10)
+        assert held.closed
+        assert turns <= 10, f"the loop spun {turns} times on a hang-up it could not act on"
+    finally:
+        monkeypatch.undo()
+
+
 def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
