@@ -9,30 +9,33 @@ Nothing outside that namespace can see a frame.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.deploy import Deployment, ensure_user, ringfence
 from tests.devproc import REPO, wait_until
-from tests.e2e.guest import KERNEL_CMDLINE, GuestResult, guest_image, write_initrd
-from tests.netns import inside, netns, ns_ip
+from tests.e2e.guest import KERNEL_CMDLINE, guest_image, write_initrd
+from tests.e2e.network import (
+    PEER_IP,
+    TO_GUEST_PORT,
+    TO_PEER_PORT,
+    Peer,
+    bridged_namespace,
+    console_values,
+    exchange_script,
+    guest_up,
+    nic_entry,
+)
 
-BRIDGE = "br-rfe"
-PEER_IP = "10.99.0.1"
 TRANSFER_MIB = 64
-TO_PEER_PORT = 5001
-TO_GUEST_PORT = 5002
 
 
 @dataclass
@@ -45,13 +48,7 @@ class NetWorld:
 def world() -> Iterator[NetWorld]:
     ensure_user("rf-vm1")
     ensure_user("rf-vm2")
-    with netns("rfe") as ns, Deployment.temporary() as deploy:
-        for key in ("all", "default"):
-            os.system(f"ip netns exec {ns} sysctl -q -w net.ipv6.conf.{key}.disable_ipv6=1")
-        # A fixed address: a bridge adopting its first port's would flush its neighbours.
-        ns_ip(ns, "link", "add", BRIDGE, "address", "02:99:00:00:00:01", "type", "bridge")
-        ns_ip(ns, "addr", "add", f"{PEER_IP}/24", "dev", BRIDGE)
-        ns_ip(ns, "link", "set", BRIDGE, "up")
+    with bridged_namespace("rfe") as ns, Deployment.temporary() as deploy:
         yield NetWorld(deploy, ns)
         deploy.stop_broker()
 
@@ -59,11 +56,9 @@ def world() -> Iterator[NetWorld]:
 def vm_policy(deploy: Deployment, name: str, index: int, script: str, queues: int = 1) -> str:
     initrd = write_initrd(script, deploy.root / f"initrd-{name}.cpio.gz")
     initrd.chmod(0o644)
-    nic = (f'{{ tap = "rfe-{name}-0", bridge = "{BRIDGE}", '
-           f'mac = "52:54:00:12:34:{0x56 + index:02x}", queues = {queues} }}')
     return (f'group = "tenant-a"\nuser = "rf-{name}"\nmemory = "512M"\n'
             f'kernel = "{guest_image().kernel}"\ninitrd = "{initrd}"\n'
-            f'append = "{KERNEL_CMDLINE}"\nnics = [ {nic} ]')
+            f'append = "{KERNEL_CMDLINE}"\nnics = [ {nic_entry(f"rfe-{name}-0", index, queues)} ]')
 
 
 def start_qemu(deploy: Deployment, vm: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
@@ -77,57 +72,7 @@ def start_qemu(deploy: Deployment, vm: str, *extra: str) -> tuple[subprocess.Pop
 
 
 def values(console: Path) -> dict[str, str]:
-    text = console.read_text(errors="replace").replace("\r\n", "\n")
-    return GuestResult(text, None, 0, "", False, 0.0).values()
-
-
-def guest_up(address: str) -> str:
-    return (f"ip link set eth0 up\nip addr add {address}/24 dev eth0\n"
-            "ip link set lo up\n")
-
-
-@dataclass
-class Peer:
-    """The peer's side of the transfers, in the test's namespace."""
-
-    ns: str
-    data: bytes
-    received: hashlib._Hash = field(default_factory=hashlib.sha256)
-    received_bytes: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    def serve_upload(self, listener: socket.socket) -> None:
-        """Take the guest's upload (to 10.99.0.1:5001) and hash it."""
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    self.received.update(chunk)
-                    self.received_bytes += len(chunk)
-        except OSError as exc:
-            self.errors.append(f"upload: {exc}")
-
-    def download_to(self, guest_ip: str) -> None:
-        """Send `data` to the guest's listener (10.99.0.2:5002), retrying until it listens
-        (the guest reports before its background nc has bound)."""
-        deadline = time.monotonic() + 60
-        while True:
-            with inside(self.ns):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.settimeout(240)
-            try:
-                sock.connect((guest_ip, TO_GUEST_PORT))
-                break
-            except ConnectionRefusedError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)  # a retry interval, not synchronisation
-        with sock:
-            sock.sendall(self.data)
-            sock.shutdown(socket.SHUT_WR)
-            while sock.recv(4096):
-                pass
+    return console_values(console.read_text(errors="replace"))
 
 
 @pytest.mark.e2e
@@ -135,26 +80,11 @@ def test_guest_pings_the_peer_and_moves_64_mib_each_way_checked_by_sha256(
         world: NetWorld) -> None:
     data = random.Random(5).randbytes(TRANSFER_MIB << 20)
     digest = hashlib.sha256(data).hexdigest()
-    script = guest_up("10.99.0.2") + f"""
-ping -c 3 -W 5 {PEER_IP} > /tmp/ping 2>&1 && echo "RF: ping=ok" \
-    || {{ cat /tmp/ping; echo "RF: ping=bad"; }}
-nc -l -p {TO_GUEST_PORT} < /dev/null > /tmp/rx &
-echo "RF: listening=yes"
-wait
-echo "RF: rx_bytes=$(wc -c < /tmp/rx)"
-echo "RF: rx_sha=$(sha256sum /tmp/rx | cut -d' ' -f1)"
-nc {PEER_IP} {TO_PEER_PORT} < /tmp/rx > /dev/null && echo "RF: sent=yes"
-"""
+    script = exchange_script("10.99.0.2")
     deploy = world.deploy
     deploy.write_policy({"vm1": vm_policy(deploy, "vm1", 0, script)})
-    with inside(world.ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((PEER_IP, TO_PEER_PORT))
-    listener.listen(1)
-    listener.settimeout(600)
     peer = Peer(world.ns, data)
-    upload = threading.Thread(target=peer.serve_upload, args=(listener,), daemon=True)
-    upload.start()
+    peer.listen()
     deploy.start_broker(netns=world.ns)
     qemu, console = start_qemu(deploy, "vm1")
     try:
@@ -166,7 +96,7 @@ nc {PEER_IP} {TO_PEER_PORT} < /tmp/rx > /dev/null && echo "RF: sent=yes"
         downloaded = time.monotonic()
         wait_until(lambda: "sent" in values(console) or qemu.poll() is not None, 600,
                    "the guest's upload")
-        upload.join(60)
+        peer.wait_upload()
         uploaded = time.monotonic()
         print(f"\nTCG guest over vhost-user-net: peer -> guest "
               f"{TRANSFER_MIB / (downloaded - start):.1f} MiB/s, guest -> peer (incl. the "
@@ -175,7 +105,7 @@ nc {PEER_IP} {TO_PEER_PORT} < /tmp/rx > /dev/null && echo "RF: sent=yes"
         if qemu.poll() is None:
             qemu.send_signal(signal.SIGTERM)
             qemu.wait(timeout=30)
-        listener.close()
+        peer.close()
     result = values(console)
     assert result.get("rx_bytes") == str(len(data)), console.read_text()
     assert result.get("rx_sha") == digest
@@ -211,14 +141,8 @@ taskset 2 nc {PEER_IP} {TO_PEER_PORT} < /tmp/rx > /dev/null && echo "RF: sent=ye
 """
     deploy = world.deploy
     deploy.write_policy({"vm1": vm_policy(deploy, "vm1", 0, script, queues=2)})
-    with inside(world.ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((PEER_IP, TO_PEER_PORT))
-    listener.listen(1)
-    listener.settimeout(600)
     peer = Peer(world.ns, data)
-    upload = threading.Thread(target=peer.serve_upload, args=(listener,), daemon=True)
-    upload.start()
+    peer.listen()
     deploy.start_broker(netns=world.ns)
     qemu, console = start_qemu(deploy, "vm1", "-smp", "2")
     try:
@@ -231,12 +155,12 @@ taskset 2 nc {PEER_IP} {TO_PEER_PORT} < /tmp/rx > /dev/null && echo "RF: sent=ye
         peer.download_to("10.99.0.2")
         wait_until(lambda: "sent" in values(console) or qemu.poll() is not None, 600,
                    "the guest's upload")
-        upload.join(60)
+        peer.wait_upload()
     finally:
         if qemu.poll() is None:
             qemu.send_signal(signal.SIGTERM)
             qemu.wait(timeout=30)
-        listener.close()
+        peer.close()
     assert values(console).get("rx_sha") == digest, console.read_text()
     assert not peer.errors and peer.received.hexdigest() == digest, peer.errors
     (nic,) = deploy.status()["groups"]["tenant-a"]["nics"]
