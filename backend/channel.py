@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.blk import BlkDevice
+from backend.eventfds import eventfd_guard
 from backend.net import NetDevice
 from backend.scheduler import Qos
 from backend.server import Endpoint, Loop
@@ -27,6 +28,9 @@ from sandbox.confine import ConfinementError, confine
 log = logging.getLogger(__name__)
 
 Device = BlkDevice | NetDevice
+# The eventfd guard's first alarm comes this long after it is armed, just before confinement,
+# whose ctypes calls would not survive an EINTR; confinement takes milliseconds.
+CONFINE_BEFORE_ALARM_S = 2.0
 
 
 class BrokerChannel:
@@ -217,16 +221,18 @@ def serve_for_broker(
     loop.stop_on_signals()  # creates its wakeup socketpair now: socket() is gone after confine
     channel = BrokerChannel(loop, socket.socket(fileno=channel_fd), group)
     keep = [channel_fd, loop.epoll.fileno(), *loop.signal_fds()]
-    try:
-        confine(keep_fds=keep, uid=uid, gid=gid, seccomp_policy=seccomp_policy,
-                seccomp_action=seccomp_action)
-    except ConfinementError as exc:
-        log.error("group %s: %s; the backend will not serve unconfined", group, exc)
-        return 1
-    log.info("group %s: confined (uid %d, seccomp %s); serving", group, uid, seccomp_action)
-    channel.announce_ready()
-    try:
-        loop.run()
-    finally:
-        channel.close()
+    with eventfd_guard(first_s=CONFINE_BEFORE_ALARM_S):  # setitimer is gone after confine too
+        try:
+            confine(keep_fds=keep, uid=uid, gid=gid, seccomp_policy=seccomp_policy,
+                    seccomp_action=seccomp_action)
+        except ConfinementError as exc:
+            log.error("group %s: %s; the backend will not serve unconfined", group, exc)
+            return 1
+        log.info("group %s: confined (uid %d, seccomp %s); serving", group, uid,
+                 seccomp_action)
+        channel.announce_ready()
+        try:
+            loop.run()
+        finally:
+            channel.close()
     return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.blk import BlkDevice
+from backend.eventfds import eventfd_guard
 from backend.net import NetDevice
 from backend.scheduler import Qos, Scheduler
 from backend.server import Endpoint, Loop
@@ -230,7 +231,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             log.info("serving tap %s on %s (mtu %d, %d queue pairs)", net.tap, net.socket_path,
                      net.mtu, net.queues)
         loop.stop_on_signals()
-        loop.run()
+        with eventfd_guard() if args.model == "shared" else contextlib.nullcontext():
+            loop.run()
     finally:
         for endpoint in endpoints:
             endpoint.close()

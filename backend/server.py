@@ -9,8 +9,6 @@ Anything a front-end or guest does wrong ends that connection (and only it) with
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import heapq
 import itertools
 import logging
@@ -25,6 +23,7 @@ from dataclasses import dataclass, field
 
 from backend.blk import BlkDevice
 from backend.dispatch import PerRingThreads, RingRuntime, SharedDispatcher
+from backend.eventfds import FrontendBlocked, check_eventfd, drain_eventfd, signal_eventfd
 from backend.memory import GuestMemory
 from backend.net import NetDevice
 from backend.scheduler import Qos, Scheduler
@@ -61,53 +60,11 @@ ACCEPT_RATE = 20.0
 ACCEPT_BURST = 20
 # A throttled device is logged at most this often (seconds).
 THROTTLE_LOG_INTERVAL = 10.0
-_ONE = (1).to_bytes(8, "little")
+# A device whose front-end blocked the I/O thread on an eventfd accepts no front-end this long.
+BLOCKED_PENALTY_S = 10.0
 _PEERCRED = struct.Struct("3i")
 
 Handler = Callable[[int], None]
-
-
-def set_nonblocking(fd: int) -> None:
-    """Never let a front-end's eventfd (or a hostile stand-in for one) block the loop."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-
-
-def _eventfd_identity() -> tuple[int, int]:
-    fd = os.eventfd(0)
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino
-
-
-# Eventfds live on the kernel's one anonymous inode; taken at import, before any confinement.
-_EVENTFD_IDENTITY = _eventfd_identity()
-
-
-def check_eventfd(fd: int) -> None:
-    """Refuse a kick/call/err FD that is not an eventfd (a pipe or socket could hang up or
-    block), and make it non-blocking."""
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != _EVENTFD_IDENTITY:
-        raise ValueError("the FD is not an eventfd")
-    set_nonblocking(fd)
-
-
-def signal_eventfd(fd: int) -> None:
-    """Add 1 to a front-end's eventfd without ever blocking the loop.
-
-    The front-end shares the file description: it can clear O_NONBLOCK and fill the counter,
-    so writability is checked first and a full counter is skipped (the guest is already
-    notified many times over).
-    """
-    try:
-        if select.select((), (fd,), (), 0)[1]:
-            os.write(fd, _ONE)
-    except OSError as exc:
-        if exc.errno != errno.EAGAIN:
-            log.debug("eventfd %d write failed: %s", fd, exc)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -162,7 +119,13 @@ class Ring:
 
     def notify(self) -> None:
         if self.call is not None:
-            signal_eventfd(self.call)
+            try:
+                signal_eventfd(self.call)
+            except FrontendBlocked:
+                # Mid-batch: the dispatcher still holds the ring; drop the front-end next.
+                self.conn.loop.defer(lambda: self.conn.blocked_loop(f"call FD of vring "
+                                                                    f"{self.index}"))
+                return
             self.runtime.stats.interrupts += 1
 
 
@@ -459,8 +422,11 @@ class Connection:
             # Level-triggered: a hung-up FD would fire forever. Eventfds never hang up.
             self.fail_ring(ring, "kick FD hung up")
             return
-        with contextlib.suppress(OSError):
-            os.read(ring.kick, 8)
+        try:
+            drain_eventfd(ring.kick)
+        except FrontendBlocked:
+            self.blocked_loop(f"kick FD of vring {ring.index}")
+            return
         self.loop.dispatcher.kicked(ring)
 
     def fail_ring(self, ring: Ring, reason: str) -> None:
@@ -469,8 +435,20 @@ class Connection:
             return  # already stopped (a per-ring thread's report can arrive late)
         err = self.session.rings[ring.index].err
         if err is not None:
-            signal_eventfd(err)
+            with contextlib.suppress(FrontendBlocked):  # it is being dropped anyway
+                signal_eventfd(err)
         self.close(f"vring {ring.index} broken: {reason}")
+
+    def blocked_loop(self, what: str) -> None:
+        """The front-end made a syscall on its eventfd block the I/O thread (it cleared
+        O_NONBLOCK on the FD it shares with us): drop it, and keep its device from taking a
+        new front-end for a while, so it cannot do it again at once."""
+        if self.closed:
+            return
+        self.close(f"the front-end made the backend block on its {what}; dropped, and the "
+                   f"device takes no front-end for {BLOCKED_PENALTY_S:g} s",
+                   level=logging.ERROR)
+        self.endpoint.hold_off(BLOCKED_PENALTY_S)
 
     # --- teardown --------------------------------------------------------------------------
 
@@ -511,6 +489,7 @@ class Endpoint:
     accept_burst: int = ACCEPT_BURST
     accepted: int = 0  # sockets accepted, refused second front-ends included
     accept_paused: bool = False  # the listener is not watched until a token returns
+    held_until: float = 0.0  # nor before this (loop clock), after its front-end blocked us
 
     def __post_init__(self) -> None:
         self.vm = self.vm or self.name
@@ -532,7 +511,18 @@ class Endpoint:
         self.loop.call_later(self.accepts.wait(1.0), self._resume_accepting)
         self.throttled("accepts")
 
+    def hold_off(self, seconds: float) -> None:
+        """Accept no front-end for `seconds` (they wait in the listen backlog)."""
+        if self.listener.fileno() < 0:
+            return
+        self.accept_paused = True
+        self.held_until = self.loop.clock() + seconds
+        self.loop.modify(self.listener.fileno(), 0)
+        self.loop.call_later(seconds, self._resume_accepting)
+
     def _resume_accepting(self) -> None:
+        if self.loop.clock() < self.held_until:
+            return  # a token came back during a hold-off; hold_off's own timer resumes
         if self.accept_paused and self.listener.fileno() >= 0:
             self.accept_paused = False
             self.loop.modify(self.listener.fileno(), select.EPOLLIN)
