@@ -383,27 +383,20 @@ def _make_blocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
 
-def test_guard_interrupts_a_write_the_front_end_made_block(
-        guard: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("syscall", ["write", "read"])
+def test_guard_interrupts_a_syscall_the_front_end_made_block(
+        guard: None, monkeypatch: pytest.MonkeyPatch, syscall: str) -> None:
+    """A write blocks on a full counter (the front-end filled it after our select() said
+    writable: the race that check leaves); a read blocks on an empty one (the front-end read it
+    between epoll and us). Both FDs are blocking, as the front-end can make them."""
     fd = os.eventfd(0)
     try:
-        os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)  # full: the next +1 would block
-        # The race the select() check leaves is won: the counter filled after the check.
-        monkeypatch.setattr(eventfds.select, "select", lambda r, w, x, t: ([], w, []))
+        if syscall == "write":
+            os.eventfd_write(fd, 0xFFFF_FFFF_FFFF_FFFE)
+            monkeypatch.setattr(eventfds.select, "select", lambda r, w, x, t: ([], w, []))
         start = time.monotonic()
         with pytest.raises(eventfds.FrontendBlocked):
-            eventfds.signal_eventfd(fd)
-        assert time.monotonic() - start < 0.5
-    finally:
-        os.close(fd)
-
-
-def test_guard_interrupts_a_read_the_front_end_made_block(guard: None) -> None:
-    fd = os.eventfd(0)  # blocking and empty: a front-end read it between epoll and us
-    try:
-        start = time.monotonic()
-        with pytest.raises(eventfds.FrontendBlocked):
-            eventfds.drain_eventfd(fd)
+            (eventfds.signal_eventfd if syscall == "write" else eventfds.drain_eventfd)(fd)
         assert time.monotonic() - start < 0.5
     finally:
         os.close(fd)
