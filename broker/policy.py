@@ -9,8 +9,10 @@ never silently turns a setting off.
 A policy is signed over its exact bytes; the base64 signature lives in `<policy>.sig` and must
 verify against one of the public keys listed in `broker.trusted_keys`. Those key files must be
 writable only by root, so whoever can edit the policy cannot also name a key of their own. A
-policy that sets `allow_unsigned = true` is used without any check: a development escape hatch
-that a tampered file could also set, which is why it is logged loudly every time.
+policy that sets `allow_unsigned = true` is used without any check, a development escape hatch;
+since whoever can edit the file could set it too, it is honoured only where the environment of
+the process reading the policy (set by root: the unit, the shell) has ALLOW_UNSIGNED_ENV=1, and
+is logged loudly every time.
 """
 
 from __future__ import annotations
@@ -528,6 +530,10 @@ def verify_policy_bytes(data: bytes, signature: bytes,
     return None
 
 
+# Where a development policy's allow_unsigned is honoured: an environment the file cannot set.
+ALLOW_UNSIGNED_ENV = "RINGFENCE_ALLOW_UNSIGNED"
+
+
 def verify_policy_file(path: str) -> tuple[Policy, str]:
     """Parse a policy and check its signature even if it allows unsigned use; returns the key."""
     data = _read_file(path, "policy")
@@ -536,9 +542,15 @@ def verify_policy_file(path: str) -> tuple[Policy, str]:
 
 
 def load_policy(path: str) -> Policy:
-    """The broker's way in: a valid policy whose signature verifies (unless allow_unsigned)."""
+    """The broker's way in: a valid policy whose signature verifies (unless allow_unsigned, and
+    ALLOW_UNSIGNED_ENV=1 in the environment)."""
     data = _read_file(path, "policy")
     policy = parse_policy(data, path)
+    if policy.broker.allow_unsigned and os.environ.get(ALLOW_UNSIGNED_ENV) != "1":
+        raise SignatureError(
+            f"policy {path} sets allow_unsigned = true, which is honoured only with "
+            f"{ALLOW_UNSIGNED_ENV}=1 in the environment (development only); sign the policy "
+            f"with `ringfence policy sign {path} --key KEY` and remove allow_unsigned")
     if policy.broker.allow_unsigned:
         log.warning("policy %s is used WITHOUT checking its signature because it sets "
                     "allow_unsigned = true; this is for development only", path)

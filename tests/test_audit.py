@@ -59,6 +59,10 @@ QEMU = ProcessFacts(
 )
 
 
+# Unsigned development policies (allow_unsigned = true) throughout: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("unsigned_policies_allowed")
+
+
 def test_a_confined_backend_and_a_confined_qemu_have_no_violations() -> None:
     assert evaluate(BACKEND, EXPECT) == []
     assert evaluate(QEMU, EXPECT) == []

@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.policy import (
+    ALLOW_UNSIGNED_ENV,
     Disk,
     Group,
     MiB,
@@ -523,8 +524,26 @@ def test_unsigned_policy_refused(tmp_path: Path, keys: tuple[str, str]) -> None:
         load_policy(path)
 
 
+def test_allow_unsigned_in_the_file_alone_is_refused(
+        tmp_path: Path, keys: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can edit the policy could set allow_unsigned: only an environment the file
+    cannot touch (RINGFENCE_ALLOW_UNSIGNED=1, set by root for development) makes it count."""
+    monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
+    path = write_policy(tmp_path, keys[1])
+    text = Path(path).read_text().replace("[broker]\n", "[broker]\nallow_unsigned = true\n")
+    Path(path).write_text(text)
+    with pytest.raises(SignatureError, match=rf"policy {path} sets allow_unsigned = true, which "
+                       rf"is honoured only with {ALLOW_UNSIGNED_ENV}=1 in the environment"):
+        load_policy(path)
+    sign_policy(path, keys[0])  # signed or not, a production policy must not carry it
+    monkeypatch.setenv(ALLOW_UNSIGNED_ENV, "0")
+    with pytest.raises(SignatureError, match="honoured only with"):
+        load_policy(path)
+
+
 def test_allow_unsigned_loads_without_a_signature_and_warns(
-        tmp_path: Path, keys: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, keys: tuple[str, str], caplog: pytest.LogCaptureFixture,
+        unsigned_policies_allowed: None) -> None:
     path = write_policy(tmp_path, keys[1])
     text = Path(path).read_text().replace("[broker]\n", "[broker]\nallow_unsigned = true\n")
     Path(path).write_text(text)

@@ -48,6 +48,9 @@ from tests.e2e.guest import (
 
 VM_UID = 64000  # numeric: the policy allows users without a passwd entry (gid = uid)
 
+# Unsigned development policies (allow_unsigned = true) throughout: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("unsigned_policies_allowed")
+
 
 def settings(run_dir: str = "/run/rf", roots: tuple[str, ...] = ("/srv/images",)) -> BrokerSettings:
     return BrokerSettings(roots, run_dir, "ringfence", None, (), True, "kill")

@@ -20,6 +20,10 @@ from tests.devproc import REPO
 MAX_EXPOSURE = 4.0
 
 
+# Unsigned development policies (allow_unsigned = true) throughout: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("unsigned_policies_allowed")
+
+
 def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is missing: install the systemd package"
