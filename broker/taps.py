@@ -17,6 +17,7 @@ with our alias (then it is a leftover of ours and is replaced).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -122,7 +123,12 @@ def _link(ipr: IPRoute, name: str) -> tuple[int, str | None, str | None] | None:
     found = ipr.link_lookup(ifname=name)
     if not found:
         return None
-    msg = ipr.link("get", index=found[0])[0]
+    try:
+        msg = ipr.link("get", index=found[0])[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None  # gone since the lookup: a tap goes with its last FD
+        raise
     info = msg.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     return found[0], kind, msg.get_attr("IFLA_IFALIAS")
@@ -166,9 +172,14 @@ def create_tap(name: str, *, vm: str, nic: int, bridge: str, mac: bytes, mtu: in
 
 
 def delete_tap(name: str, *, vm: str, nic: int) -> None:
-    """Remove the tap if it is still ours (an FD the backend holds then reads EBADFD)."""
-    with IPRoute() as ipr:
-        existing = _link(ipr, name)
-        if existing is not None and existing[1] == "tun" and existing[2] == tap_alias(vm, nic):
-            with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=existing[0])
+    """Remove the tap if it is still ours (an FD the backend holds then reads EBADFD).
+    Netlink failures are raised as OSError."""
+    try:
+        with IPRoute() as ipr:
+            existing = _link(ipr, name)
+            if existing is not None and existing[1] == "tun" and existing[2] == tap_alias(vm,
+                                                                                          nic):
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=existing[0])
+    except NetlinkError as exc:
+        raise OSError(exc.code, f"netlink: {exc}") from None

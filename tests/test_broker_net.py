@@ -147,7 +147,8 @@ def test_removing_the_vm_deletes_its_tap_and_stopping_leaves_none(
     assert net_deployment.link(TAP) is not None
     deploy.write_policy({"vm2": VM2})
     result = ringfence("reload", "--policy", str(deploy.policy), "--json")
-    assert json.loads(result.stdout)["removed"] == ["vm1"], result.stdout
+    assert json.loads(result.stdout).get("removed") == ["vm1"], (result.stdout + result.stderr
+                                                                 + deploy.log()[-3000:])
     wait_until(lambda: net_deployment.link(TAP) is None, 10, "the tap gone")
     deploy.write_policy({"vm1": VM1_NIC, "vm2": VM2})
     ringfence("reload", "--policy", str(deploy.policy), "--json")

@@ -278,6 +278,43 @@ def mq_tap_fds() -> Iterator[list[int]]:
                 os.close(fd)
 
 
+def test_deleting_a_tap_that_vanishes_during_the_lookup_is_quiet(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tap goes with its last FD: when the backend closes its copy as the broker removes the
+    VM, the tap can vanish between the broker's lookup and its query. That is the outcome the
+    broker wanted, not an error (it once escaped as a NetlinkError and took the broker down)."""
+    real_iproute = taps.IPRoute
+
+    class VanishingIPRoute:
+        """IPRoute whose lookup sees the tap, which is then gone (the last FD closing)."""
+
+        def __init__(self) -> None:
+            self.ipr = real_iproute()
+
+        def __enter__(self) -> VanishingIPRoute:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.ipr.close()
+
+        def link_lookup(self, **kwargs: object) -> list[int]:
+            found = self.ipr.link_lookup(**kwargs)
+            if found:
+                self.ipr.link("del", index=found[0])
+            return found
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.ipr, name)
+
+    with netns() as ns, inside(ns):
+        fd = taps.open_tun("rft-gone0")
+        try:
+            monkeypatch.setattr(taps, "IPRoute", VanishingIPRoute)
+            taps.delete_tap("rft-gone0", vm="vm", nic=0)  # no exception
+        finally:
+            os.close(fd)
+
+
 def test_single_queue_device_has_one_pair_and_no_mq(tap_fd: int) -> None:
     dev = NetDevice(tap_fd, mac=bytes.fromhex("525400123456"))
     assert (dev.num_queues, dev.vhost_queue_num, len(dev.pairs)) == (2, 1, 1)
