@@ -199,6 +199,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if path not in paths:
             raise UsageError(f"--qos {path} names no --blk or --net socket")
     loop = Loop(args.model, Scheduler(latency_target_ns=args.latency_target_us * 1000))
+    # Before any socket listens: a SIGTERM from whoever saw it listening must find the handler.
+    loop.stop_on_signals()
     endpoints: list[Endpoint] = []
     image_fds: list[int] = []
     tap_fds: list[list[int]] = []  # per --net, one FD per queue pair
@@ -230,7 +232,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
                                       qos=qos.get(net.socket_path, Qos())))
             log.info("serving tap %s on %s (mtu %d, %d queue pairs)", net.tap, net.socket_path,
                      net.mtu, net.queues)
-        loop.stop_on_signals()
         with eventfd_guard() if args.model == "shared" else contextlib.nullcontext():
             loop.run()
     finally:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.frontend import VhostUserConnection
+
 
 def run_dev(*args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -95,17 +97,18 @@ def test_stale_socket_is_replaced_and_sigterm_cleans_up(tmp_path: Path, image: P
         stderr=subprocess.PIPE, text=True,
     )
     try:
-        def listening() -> bool:
-            probe = socket.socket(socket.AF_UNIX)
+        def serving() -> bool:
+            """Connected and answered: the loop runs (accepting alone proves only a backlog)."""
             try:
-                probe.connect(str(path))
+                probe = VhostUserConnection.connect(str(path))
             except OSError:
                 return False
+            try:
+                return probe.get_features() != 0
             finally:
                 probe.close()
-            return True
 
-        wait_for(listening)
+        wait_for(serving)
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=10)
     finally:
