@@ -99,13 +99,15 @@ class GuestMemory:
         except BaseException:
             self.close()
             raise
-        # Flat tuples keep the per-descriptor lookup to one loop over a few ints.
-        self._by_gpa = tuple((r.gpa, r.gpa + r.size, r.view) for r in self.regions)
+        # Flat tuples keep the per-descriptor lookup to one loop over a few ints; the chain
+        # walker loops over gpa_ranges itself (see SplitQueue.chain), saving two calls a
+        # descriptor, and calls gpa() only for the error.
+        self.gpa_ranges = tuple((r.gpa, r.gpa + r.size, r.view) for r in self.regions)
         self._by_uva = tuple((r.uva, r.uva + r.size, r.view) for r in self.regions)
 
     def gpa(self, addr: int, length: int) -> memoryview:
         """View of guest-physical [addr, addr+length); raises unless inside one region."""
-        return _translate(self._by_gpa, addr, length, "guest-physical")
+        return _translate(self.gpa_ranges, addr, length, "guest-physical")
 
     def uva(self, addr: int, length: int) -> memoryview:
         """View of front-end virtual [addr, addr+length) (vring addresses use these)."""
@@ -120,7 +122,7 @@ class GuestMemory:
         for region in self.regions:
             region.view.release()
         self.regions = []
-        self._by_gpa = self._by_uva = ()
+        self.gpa_ranges = self._by_uva = ()
         for mapping in self._mappings:
             # A ring may still hold a view; the mapping then goes with its last reference.
             with contextlib.suppress(BufferError):

@@ -145,7 +145,7 @@ class SplitQueue:
         index = head
         seen = 0
         total = 0
-        gpa = self.mem.gpa
+        ranges = self.mem.gpa_ranges
         try:
             while True:
                 seen += 1
@@ -159,12 +159,21 @@ class SplitQueue:
                     continue
                 if length:
                     total += length
+                    # GuestMemory.gpa inlined: [addr, end) inside one region (end cannot wrap
+                    # past 2**64 and still end inside one); gpa() raises with the reason.
+                    end = addr + length
+                    for start, stop, view in ranges:
+                        if start <= addr and end <= stop:
+                            buf = view[addr - start : end - start]
+                            break
+                    else:
+                        buf = self.mem.gpa(addr, length)
                     if flags & DESC_F_WRITE:
-                        writable.append(gpa(addr, length))
+                        writable.append(buf)
                     elif writable:
                         raise RingError(f"chain at head {head} has a readable after a writable")
                     else:
-                        readable.append(gpa(addr, length))
+                        readable.append(buf)
                 if not flags & DESC_F_NEXT:
                     break
                 if nxt >= limit:
