@@ -90,11 +90,16 @@ def parse_request(readable: list[memoryview], writable: list[memoryview]) -> Blk
     if not writable:
         raise RequestError(S_IOERR, "request has no device-writable byte for its status")
     last = writable[-1]
+    first = readable[0] if readable else b""
+    if len(last) == 1 and len(readable) == 1 and len(first) == HEADER.size:
+        # The common shape: header, data buffers, status byte, each in its own descriptor.
+        rtype, _reserved, sector = HEADER.unpack_from(first)
+        if rtype == T_IN:
+            return BlkRequest(rtype, sector, writable[:-1], last)
     status = last[-1:]
     tail = writable[:-1]
     if len(last) > 1:
         tail.append(last[:-1])
-    first = readable[0] if readable else b""
     if len(first) >= HEADER.size:
         rtype, _reserved, sector = HEADER.unpack_from(first)
         body = readable[1:]
