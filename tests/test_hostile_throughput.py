@@ -355,7 +355,9 @@ class ControlFlood(Attack):
 
     name = "control-message-flood"
     expected = frozenset({"flood"})
-    log_needles = ("throttled", "control messages")
+    # No log needle: the per-iteration budget always applies and is not logged; the logged
+    # time-share throttle bites only when A's messages outgrow 3% of the loop, which depends on
+    # how long B's work makes each iteration (tests/test_server.py checks it deterministically).
 
     def prepare(self, sock: str) -> None:
         super().prepare(sock)
@@ -381,7 +383,9 @@ class ReconnectStorm(Attack):
 
     name = "reconnect-storm"
     expected = frozenset({"reconnected"})
-    log_needles = ("throttled", "front-ends connect faster")
+    # No log needle: whether the storm outruns the accept bucket (20 at once, 20 a second) in
+    # a measurement depends on how fast the attacker reconnects on the machine; the throttle and
+    # its log line are checked deterministically in tests/test_server.py.
     period = 0.0
 
     def round(self, keep_going: Callable[[], bool]) -> str:
