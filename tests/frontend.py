@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 if sys.byteorder != "little":  # the memoryview casts below read rings natively
     raise ImportError("tests.frontend needs a little-endian host")
@@ -887,7 +887,87 @@ def _segments(
     return [(gpa + off, min(step, length - off), writable) for off in range(0, length, step)]
 
 
-class BlkFrontend:
+class _Frontend:
+    """What QEMU does the same for every vhost-user device: connect, negotiate the protocol,
+    and program the rings; the device classes add their features, queues and config."""
+
+    def __init__(self, path: str, mem: GuestMemory, queue_size: int, timeout: float) -> None:
+        self.path = path
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.mem = mem
+        try:
+            self.conn = VhostUserConnection.connect(path, timeout)
+        except BaseException:
+            self.mem.close()
+            raise
+        self.device_features = 0
+        self.protocol_features = 0
+        self.features = 0
+        self.queues: list[SplitQueue] = []
+
+    @classmethod
+    def open(cls, path: str, **kwargs: Any) -> Self:
+        """Connect, realize and start: a ready device."""
+        dev = cls(path, **kwargs)
+        try:
+            dev.realize()
+            dev.start()
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def realize(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+        for q in self.queues:
+            q.close()
+        self.queues = []
+        self.mem.close()
+
+    def _negotiate_protocol(self) -> None:
+        """GET_FEATURES, then the protocol features we want of those offered."""
+        c = self.conn
+        self.device_features = c.get_features()
+        if not self.device_features & (1 << F_PROTOCOL_FEATURES):
+            raise FrontendError("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
+        self.protocol_features = c.get_protocol_features() & WANTED_PROTOCOL_FEATURES
+        c.set_protocol_features(self.protocol_features)
+        c.reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+
+    def _start_rings(self, count: int) -> None:
+        """SET_FEATURES (self.features), the memory table, and `count` fresh rings (a restart
+        gets fresh rings, as after a guest reset), programmed but not enabled."""
+        c = self.conn
+        for q in self.queues:
+            q.close()
+        c.set_features(self.features)
+        c.set_mem_table(self.mem.regions)
+        event_idx = bool(self.features & (1 << F_EVENT_IDX))
+        self.queues = [SplitQueue(self.mem, i, self.queue_size, event_idx=event_idx)
+                       for i in range(count)]
+        for q in self.queues:
+            c.set_vring_num(q.index, q.size)
+            c.set_vring_base(q.index, 0)
+            c.set_vring_addr(q.index, self.mem.uaddr(q.desc_gpa), self.mem.uaddr(q.used_gpa),
+                             self.mem.uaddr(q.avail_gpa))
+            c.set_vring_kick(q.index, q.kickfd)
+            c.set_vring_call(q.index, q.callfd)
+
+
+class BlkFrontend(_Frontend):
     """A vhost-user-blk device as QEMU drives it, with synchronous request helpers.
 
     Construction only connects; `realize()` and `start()` replay QEMU's sequence so a
@@ -912,64 +992,22 @@ class BlkFrontend:
         timeout: float = 5.0,
         sealed: bool = True,
     ) -> None:
-        self.path = path
-        self.queue_size = queue_size
         self.num_queues = num_queues
-        self.timeout = timeout
         self._want_event_idx = event_idx
         self._want_indirect = indirect
         self._explicit_features = features
-        self.mem = GuestMemory(mem_size, regions=regions, shared_fd=shared_fd, sealed=sealed)
-        try:
-            self.conn = VhostUserConnection.connect(path, timeout)
-        except BaseException:
-            self.mem.close()
-            raise
-        self.device_features = 0
-        self.protocol_features = 0
+        super().__init__(path, GuestMemory(mem_size, regions=regions, shared_fd=shared_fd,
+                                           sealed=sealed), queue_size, timeout)
         self.max_queues = 1
-        self.features = 0
         self.config: BlkConfig | None = None
-        self.queues: list[SplitQueue] = []
         self._scratch: dict[int, tuple[int, int, int]] = {}  # queue -> (hdr, data, capacity)
-
-    @classmethod
-    def open(cls, path: str, **kwargs: Any) -> BlkFrontend:
-        """Connect, realize and start: a ready device."""
-        dev = cls(path, **kwargs)
-        try:
-            dev.realize()
-            dev.start()
-        except BaseException:
-            dev.close()
-            raise
-        return dev
-
-    def __enter__(self) -> BlkFrontend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.conn.close()
-        for q in self.queues:
-            q.close()
-        self.queues = []
-        self.mem.close()
 
     # -- QEMU's sequence
 
     def realize(self) -> None:
         """What QEMU does at device realize: features, protocol features, owner, config."""
         c = self.conn
-        self.device_features = c.get_features()
-        if not self.device_features & (1 << F_PROTOCOL_FEATURES):
-            raise FrontendError("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
-        offered = c.get_protocol_features()
-        self.protocol_features = offered & WANTED_PROTOCOL_FEATURES
-        c.set_protocol_features(self.protocol_features)
-        c.reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+        self._negotiate_protocol()
         if self.protocol_features & (1 << ProtocolFeature.MQ):
             self.max_queues = c.get_queue_num()
         if self.num_queues > self.max_queues:
@@ -992,36 +1030,16 @@ class BlkFrontend:
 
     def start(self) -> None:
         """What QEMU does when the guest driver sets DRIVER_OK: features, memory, rings."""
-        c = self.conn
-        for q in self.queues:  # a restart gets fresh rings, as after a guest reset
-            q.close()
         self.features = (
             self.negotiated_features()
             if self._explicit_features is None
             else self._explicit_features
         )
-        c.set_features(self.features)
-        c.set_mem_table(self.mem.regions)
-        event_idx = bool(self.features & (1 << F_EVENT_IDX))
-        self.queues = [
-            SplitQueue(self.mem, i, self.queue_size, event_idx=event_idx)
-            for i in range(self.num_queues)
-        ]
-        for q in self.queues:
-            c.set_vring_num(q.index, q.size)
-            c.set_vring_base(q.index, 0)
-            c.set_vring_addr(
-                q.index,
-                self.mem.uaddr(q.desc_gpa),
-                self.mem.uaddr(q.used_gpa),
-                self.mem.uaddr(q.avail_gpa),
-            )
-            c.set_vring_kick(q.index, q.kickfd)
-            c.set_vring_call(q.index, q.callfd)
+        self._start_rings(self.num_queues)
         if self.features & (1 << F_PROTOCOL_FEATURES):
             # With PROTOCOL_FEATURES rings start disabled until explicitly enabled.
             for q in self.queues:
-                c.set_vring_enable(q.index, True)
+                self.conn.set_vring_enable(q.index, True)
 
     def stop(self) -> list[int]:
         """Stop every ring (GET_VRING_BASE) and return the back-end's avail indexes."""
@@ -1390,7 +1408,7 @@ class NetConfig:
     mtu: int
 
 
-class NetFrontend:
+class NetFrontend(_Frontend):
     """A vhost-user-net device as QEMU drives it, with the guest driver's RX/TX in Python.
 
     RX buffers come from a pool of `rx_buf_size`-byte buffers and are re-posted as frames are
@@ -1417,49 +1435,13 @@ class NetFrontend:
         queue_pairs: int = 1,
         enabled_pairs: int | None = None,
     ) -> None:
-        self.path = path
-        self.queue_size = queue_size
         self.rx_buf_size = rx_buf_size
-        self.timeout = timeout
         self.queue_pairs = queue_pairs
         self.enabled_pairs = queue_pairs if enabled_pairs is None else enabled_pairs
         self._explicit_features = features
         self._want_event_idx = event_idx
-        self.mem = GuestMemory(mem_size)
-        try:
-            self.conn = VhostUserConnection.connect(path, timeout)
-        except BaseException:
-            self.mem.close()
-            raise
-        self.device_features = 0
-        self.features = 0
-        self.protocol_features = 0
-        self.queues: list[SplitQueue] = []
+        super().__init__(path, GuestMemory(mem_size), queue_size, timeout)
         self._pairs = [_NetPair() for _ in range(queue_pairs)]
-
-    @classmethod
-    def open(cls, path: str, **kwargs: Any) -> NetFrontend:
-        dev = cls(path, **kwargs)
-        try:
-            dev.realize()
-            dev.start()
-        except BaseException:
-            dev.close()
-            raise
-        return dev
-
-    def __enter__(self) -> NetFrontend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.conn.close()
-        for q in self.queues:
-            q.close()
-        self.queues = []
-        self.mem.close()
 
     @property
     def rx(self) -> SplitQueue:
@@ -1485,12 +1467,7 @@ class NetFrontend:
 
     def realize(self) -> None:
         c = self.conn
-        self.device_features = c.get_features()
-        if not self.device_features & (1 << F_PROTOCOL_FEATURES):
-            raise FrontendError("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES")
-        self.protocol_features = c.get_protocol_features() & WANTED_PROTOCOL_FEATURES
-        c.set_protocol_features(self.protocol_features)
-        c.reply_ack = bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+        self._negotiate_protocol()
         if self.protocol_features & (1 << ProtocolFeature.MQ):
             pairs = c.get_queue_num()
             if pairs < self.queue_pairs:  # QEMU: "you are asking more queues than supported"
@@ -1504,23 +1481,11 @@ class NetFrontend:
         return NetConfig(*NET_CONFIG.unpack(self.conn.get_config(0, NET_CONFIG.size)))
 
     def start(self) -> None:
-        c = self.conn
         want = (1 << F_VERSION_1) | (1 << F_PROTOCOL_FEATURES) | (1 << F_INDIRECT_DESC) \
             | NET_FEATURES | ((1 << F_EVENT_IDX) if self._want_event_idx else 0)
         self.features = (self.device_features & want if self._explicit_features is None
                          else self._explicit_features)
-        c.set_features(self.features)
-        c.set_mem_table(self.mem.regions)
-        event_idx = bool(self.features & (1 << F_EVENT_IDX))
-        self.queues = [SplitQueue(self.mem, i, self.queue_size, event_idx=event_idx)
-                       for i in range(2 * self.queue_pairs)]
-        for q in self.queues:
-            c.set_vring_num(q.index, q.size)
-            c.set_vring_base(q.index, 0)
-            c.set_vring_addr(q.index, self.mem.uaddr(q.desc_gpa), self.mem.uaddr(q.used_gpa),
-                             self.mem.uaddr(q.avail_gpa))
-            c.set_vring_kick(q.index, q.kickfd)
-            c.set_vring_call(q.index, q.callfd)
+        self._start_rings(2 * self.queue_pairs)
         self.set_pairs(self.enabled_pairs)
 
     def set_pairs(self, count: int) -> None:
