@@ -213,7 +213,6 @@ class BlkDevice:
         RingError propagates to the caller, which stops the device.
         """
         done = 0
-        execute = self.execute
         while done < budget:
             count = queue.pending()
             if not count:
@@ -222,11 +221,7 @@ class BlkDevice:
                 if not count:
                     return done
             queue.set_kicks(False)
-            for _ in range(count):
-                head = queue.next_head()
-                readable, writable = queue.chain(head)
-                queue.put_used(head, execute(readable, writable))
-            done += count
+            done += self.serve_batch(queue, count)
         return done
 
     def serve_batch(self, queue: SplitQueue, budget: int) -> int:
