@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from backend.virtqueue import SplitQueue
+from backend.virtqueue import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, SplitQueue
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -40,9 +40,6 @@ F_TOPOLOGY = 1 << 10
 F_MQ = 1 << 12
 F_DISCARD = 1 << 13
 F_WRITE_ZEROES = 1 << 14
-F_RING_INDIRECT_DESC = 1 << 28
-F_RING_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
 
 ID_BYTES = 20
 MAX_DISCARD_SEGMENTS = 32

@@ -49,7 +49,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from backend.vhost_user import ProtocolFeature
-from backend.virtqueue import RingError, SplitQueue
+from backend.virtqueue import (
+    F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC,
+    F_VERSION_1,
+    RingError,
+    SplitQueue,
+)
 
 if TYPE_CHECKING:
     from backend.memory import GuestMemory
@@ -75,9 +81,6 @@ F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
 F_CTRL_VQ = 1 << 17
 F_MQ = 1 << 22
-F_RING_INDIRECT_DESC = 1 << 28
-F_RING_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
 
 # virtio_net_hdr_v1 (always 12 bytes with VERSION_1): flags, gso_type, hdr_len, gso_size,
 # csum_start, csum_offset, num_buffers; little-endian.

@@ -30,6 +30,7 @@ from backend.vhost_user import (
     parse_vring_file,
     parse_vring_state,
 )
+from backend.virtqueue import F_RING_EVENT_IDX
 
 MAX_QUEUE_SIZE = 32768
 OFFERED_PROTOCOL_FEATURES = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
@@ -338,7 +339,7 @@ class Session:
 
     @property
     def event_idx(self) -> bool:
-        return bool(self.features & (1 << 29))
+        return bool(self.features & F_RING_EVENT_IDX)
 
     def _require_protocol(self, feature: ProtocolFeature, what: str) -> None:
         if not self.protocol_features & feature:

@@ -22,6 +22,10 @@ AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 CHAIN_LENGTH_LIMIT = 1 << 32
+# Transport feature bits every device offers (virtio 1.2 section 6).
+F_RING_INDIRECT_DESC = 1 << 28
+F_RING_EVENT_IDX = 1 << 29
+F_VERSION_1 = 1 << 32
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
