@@ -506,9 +506,7 @@ class Endpoint:
     def _pause_accepting(self) -> None:
         """Stop watching the listener until the bucket holds a token again; front-ends
         connecting meanwhile wait in the listen backlog."""
-        self.accept_paused = True
-        self.loop.modify(self.listener.fileno(), 0)
-        self.loop.call_later(self.accepts.wait(1.0), self._resume_accepting)
+        self.hold_off(self.accepts.wait(1.0))
         self.throttled("accepts")
 
     def hold_off(self, seconds: float) -> None:
@@ -522,7 +520,7 @@ class Endpoint:
 
     def _resume_accepting(self) -> None:
         if self.loop.clock() < self.held_until:
-            return  # a token came back during a hold-off; hold_off's own timer resumes
+            return  # an earlier, shorter hold-off's timer: the latest one's timer resumes
         if self.accept_paused and self.listener.fileno() >= 0:
             self.accept_paused = False
             self.loop.modify(self.listener.fileno(), select.EPOLLIN)
